@@ -1,0 +1,97 @@
+"""Throughput of the BYOL training step against its bound, on the current device.
+
+Measures, for a preset of exp_table1_norms.py (default: cpu on a CPU, cifar10 on a GPU):
+  (a) step:  the full training step of train_byol (sample batch, augment both views per image,
+             online + target forward, backward, LARS/SGD step, EMA), images/s
+  (b) bound: the same networks' forward + backward on one fixed pre-made pair of views
+  (c) aug:   the batched augmentation alone (two views), images/s
+  (d) probe: fitting the linear probe on 50,000 x 512 random-label features, seconds
+and ends with one line: step_img_s=... bound_img_s=... ratio=... aug_img_s=... probe_s=...
+
+    python bench.py                      # cpu preset here
+    python bench.py --preset cifar10 --steps 50
+"""
+import argparse
+import dataclasses
+import time
+
+import torch
+
+import common
+from exp_table1_norms import PRESETS
+
+
+def timed(fn, steps, device, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    device = common.get_device(args.device)
+    preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")
+    cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
+                        device=str(device), compile=args.compile)
+    size = 96 if cfg.stem == "imagenet" else 32
+    n, B = 4 * cfg.batch_size, cfg.batch_size
+    x_all = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+    mean, std = common.MEAN_STD["cifar10"]
+    gen = torch.Generator(device).manual_seed(0)
+    model = common.BYOL(cfg).to(device, memory_format=torch.channels_last)
+    opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    amp = cfg.amp and device.type == "cuda"
+    net = torch.compile(model) if cfg.compile else model
+    print(f"preset {preset}: width {cfg.width}, {size} px, batch {B}, device {device}, "
+          f"threads {torch.get_num_threads()}, bf16 {amp}, compile {cfg.compile}")
+
+    def views(x):
+        return (common.augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last),
+                common.augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last))
+
+    fixed = views(x_all[:B])
+
+    def bound():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(*fixed)
+        out["loss"].backward()
+
+    def step():   # the loop body of common.train_byol
+        x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
+        v1, v2 = views(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(v1, v2)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        common.ema_update_(model.target_encoder, model.online_encoder, cfg.base_tau)
+        common.ema_update_(model.target_projector, model.online_projector, cfg.base_tau)
+
+    t_bound = timed(bound, args.steps, device)
+    t_step = timed(step, args.steps, device)
+    t_aug = timed(lambda: views(x_all[:B]), args.steps, device)
+
+    feats = torch.randn(50000, 512, device=device)
+    labels = torch.randint(0, 10, (50000,), device=device)
+    t = time.perf_counter()
+    common.fit_logreg(feats, labels, 10, l2=1 / 50000)(feats[:10]).tolist()
+    t_probe = time.perf_counter() - t
+
+    s, b = B / t_step, B / t_bound
+    print(f"step_img_s={s:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f}")
+
+
+if __name__ == "__main__":
+    main()

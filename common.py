@@ -1,0 +1,973 @@
+"""Shared code for reproducing "Understanding self-supervised and contrastive learning with
+BYOL" (Untitled-AI blog post, 2020) and its appendix. One file, in dependency order:
+
+    config . device/seeding . data . augmentations . models . EMA . optimizer/schedules
+    . training loop . linear probe . experiment runner (CLI, CSV, resume, summary)
+
+Names follow the BYOL paper (Grill et al. 2020): online network (encoder f, projector g,
+predictor q), target network (EMA of f and g with rate tau), views v and v', online
+projection z, target projection z'. Settings are cited from ../shared/docs/SPEC.md.
+"""
+import argparse
+import copy
+import csv
+import dataclasses
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ============================================================================ config
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "cifar10"         # cifar10 | stl10 | synthetic
+    data_dir: str = ""               # "" = $BYOL_DATA, ./data, ../shared/data (first that has it)
+    train_subset: int = 0            # pretrain on the first N training images (0 = all)
+    # encoder f: ResNet-18
+    stem: str = "cifar"              # cifar (3x3 conv, no maxpool) | imagenet (7x7/2 conv + maxpool)
+    width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
+    encoder_norm: str = "bn"         # bn | gn | gn_ws (GroupNorm + weight standardization) | none
+    # projector g and predictor q: Linear -> norm -> ReLU -> Linear
+    proj_norm: str = "bn"            # none | bn | ln | gn
+    pred_norm: str = "bn"
+    mlp_hidden_dim: int = 512
+    proj_dim: int = 128
+    # loss
+    objective: str = "byol"          # byol (1 - cos, both view orders) | contrastive (InfoNCE, queue)
+    temperature: float = 0.2         # contrastive only
+    queue_size: int = 65536          # contrastive only: number of stored target projections
+    # optimization
+    optimizer: str = "sgd"           # sgd | lars
+    lars_params: str = "all"         # weights LARS adapts: all | layer12 (encoder layer1+2) | mlp
+    lr: float = 0.8                  # absolute (not scaled by batch size), as in the blog
+    momentum: float = 0.9
+    weight_decay: float = 1e-4       # SGD: on every parameter (blog). LARS: not on biases/norms
+    lars_eta: float = 1e-3           # LARS trust coefficient
+    warmup_epochs: float = 0.0
+    schedule_epochs: int = 0         # cosine lr period in epochs; 0 = epochs. Blog: 320 (runs 10)
+    base_tau: float = 0.996          # target EMA rate
+    tau_schedule: str = "constant"   # constant (blog) | cosine (BYOL paper, per step, to 1)
+    # run
+    epochs: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    eval_every: int = 1              # probe every N epochs (the last epoch always); 0 = last only
+    probe: str = "blog"              # blog: fit on half the test set, score the other half
+                                     # standard: fit on the train set, score the test set
+    probe_bn: str = "running"        # running: BN in eval mode as trained | recompute: BN stats
+                                     # re-estimated on the probe's fit images first
+    device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True                 # bf16 autocast on CUDA (fp32 on the CPU: measured slower)
+    compile: bool = False            # torch.compile the online and target networks
+
+
+CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
+               encoder_norm=("bn", "gn", "gn_ws", "none"), proj_norm=("none", "bn", "ln", "gn"),
+               pred_norm=("none", "bn", "ln", "gn"), objective=("byol", "contrastive"),
+               optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
+               tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
+               probe_bn=("running", "recompute"))
+
+
+class UsageError(Exception):
+    """Bad input: the scripts print it as one line and exit with code 2."""
+
+
+def check_config(cfg):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("width", "batch_size", "mlp_hidden_dim", "proj_dim"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.base_tau <= 1.0:
+        raise UsageError(f"base_tau must be in [0, 1], got {cfg.base_tau}")
+    if cfg.lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
+        raise UsageError("lr, weight_decay and warmup_epochs must be >= 0")
+    if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
+        raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
+    return cfg
+
+
+# ==================================================================== device / seeding
+
+
+def get_device(name="auto"):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UsageError(f"--device {name!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_seed(seed):
+    """Seeds python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ================================================================================ data
+
+CIFAR_DIR, STL_DIR = "cifar-10-batches-py", "stl10_binary"
+# per-channel mean/std used to normalize inputs: CIFAR-10's own; the blog used ImageNet's on STL-10
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
+
+
+def data_roots(data_dir=""):
+    """Where datasets are looked for: --data-dir, else $BYOL_DATA, ./data, ../shared/data."""
+    if data_dir:
+        return [Path(data_dir)]
+    here = Path(__file__).resolve().parent
+    roots = [Path(os.environ["BYOL_DATA"])] if os.environ.get("BYOL_DATA") else []
+    return roots + [Path("data"), here / "data", here.parent / "shared" / "data"]
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # truncated or not a pickle
+        raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it and "
+                         f"download CIFAR-10 again (--download)") from None
+
+
+def load_cifar10(folder):
+    """CIFAR-10 python-format batches read directly (torchvision's class would check md5s)."""
+    def batches(names):
+        xs, ys = [], []
+        for name in names:
+            d = _unpickle(folder / name)
+            x = np.asarray(d.get(b"data", []), dtype=np.uint8)
+            if x.ndim != 2 or x.shape[1] != 3072 or len(d.get(b"labels", [])) != len(x):
+                raise UsageError(f"{folder / name} is not a CIFAR-10 batch (data shape {x.shape})")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    train_x, train_y = batches([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = batches(["test_batch"])
+    return dict(pretrain_x=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def _read_stl(path, images):
+    n_bytes = path.stat().st_size
+    if images and n_bytes % (3 * 96 * 96):
+        raise UsageError(f"{path}: {n_bytes} bytes is not a whole number of 96x96 RGB images")
+    a = np.fromfile(path, dtype=np.uint8)
+    if not images:
+        return torch.from_numpy(a.astype(np.int64) - 1)  # labels are stored as 1..10
+    # STL-10 binary stores each image channel-major and column-major: (N, C, W, H)
+    return torch.from_numpy(a.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
+
+
+def load_stl10(folder):
+    """STL-10 binary format. Pretraining uses train+unlabeled (105k images), as the blog."""
+    train_x, unlabeled = _read_stl(folder / "train_X.bin", True), _read_stl(folder / "unlabeled_X.bin", True)
+    d = dict(pretrain_x=torch.cat([train_x, unlabeled]), train_x=train_x,
+             train_y=_read_stl(folder / "train_y.bin", False),
+             test_x=_read_stl(folder / "test_X.bin", True), test_y=_read_stl(folder / "test_y.bin", False))
+    for split in ("train", "test"):
+        if len(d[f"{split}_x"]) != len(d[f"{split}_y"]):
+            raise UsageError(f"{folder}: {split}_X.bin and {split}_y.bin hold different counts")
+    return d
+
+
+def make_synthetic(n_train=512, n_test=512, size=32, num_classes=10, seed=0):
+    """Tiny dataset with class-dependent structure (a colour and an oriented grating per class,
+    plus noise), so a linear probe on good features beats chance. For tests and --smoke."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g)
+    angles = torch.rand(num_classes, generator=g) * math.pi
+    freq = 2 * math.pi * (2 + 4 * torch.rand(num_classes, generator=g)) / size
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+        proj = xx * angles[y, None, None].cos() + yy * angles[y, None, None].sin()
+        grating = torch.sin(freq[y, None, None] * proj + phase)[:, None]
+        brightness = 0.3 * torch.rand(n, 1, 1, 1, generator=g)
+        img = (0.3 * colours[y] + 0.15 * grating + brightness
+               + 0.4 * torch.rand(n, 3, size, size, generator=g))
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+    train_x, train_y = sample(n_train)
+    test_x, test_y = sample(n_test)
+    return dict(pretrain_x=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def load_dataset(name, data_dir="", download=False):
+    """Returns uint8 image tensors (N, 3, H, W) and int64 labels: pretrain_x, train_x/y, test_x/y."""
+    if name == "synthetic":
+        return make_synthetic()
+    sub, files = {"cifar10": (CIFAR_DIR, ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]),
+                  "stl10": (STL_DIR, [f"{s}.bin" for s in ("train_X", "train_y", "test_X",
+                                                             "test_y", "unlabeled_X")])}[name]
+    roots = data_roots(data_dir)
+    for root in roots:
+        if all((root / sub / f).is_file() for f in files):
+            return (load_cifar10 if name == "cifar10" else load_stl10)(root / sub)
+    if download:
+        import torchvision  # only for the download itself
+        root = roots[0]
+        try:
+            if name == "cifar10":
+                torchvision.datasets.CIFAR10(str(root), download=True)
+            else:
+                torchvision.datasets.STL10(str(root), split="train+unlabeled", download=True)
+        except Exception as e:
+            raise UsageError(f"could not download {name} into {root}: {e}") from None
+        return load_dataset(name, str(root))
+    looked = ", ".join(str(r / sub) for r in roots)
+    raise UsageError(f"{name} not found (need {sub}/ with {', '.join(files)}); looked in {looked}. "
+                     f"Pass --data-dir DIR, set BYOL_DATA, or add --download")
+
+
+# ======================================================================= augmentations
+# The blog's augmentations (Appendix B = MoCo v2's), done on a whole uint8 batch on the training
+# device, with independent random parameters for every image and every view. They match
+# torchvision's per-image functional ops for the same parameters (see test_common.py).
+
+
+def sample_aug_params(n, size, gen, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
+                      p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
+    """Per-image parameters, drawn like torchvision's RandomResizedCrop/ColorJitter/... do."""
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen, device=device)
+    # RandomResizedCrop: 10 tries of (area, log-uniform aspect), first valid one wins,
+    # else the whole (square) image
+    area = size * size * u(n, 10, lo=scale[0], hi=scale[1])
+    aspect = torch.exp(u(n, 10, lo=math.log(ratio[0]), hi=math.log(ratio[1])))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = ok.int().argmax(1, keepdim=True)
+    any_ok = ok.any(1)
+    w = torch.where(any_ok, w.gather(1, first)[:, 0], torch.full_like(w[:, 0], size))
+    h = torch.where(any_ok, h.gather(1, first)[:, 0], torch.full_like(h[:, 0], size))
+    top = torch.floor(u(n) * (size - h + 1))
+    left = torch.floor(u(n) * (size - w + 1))
+    b, c, s, hue = jitter
+    return dict(
+        box=torch.stack([top, left, h, w], 1),                        # (n, 4) pixels
+        flip=u(n) < 0.5,
+        jitter=u(n) < p_jitter,
+        factors=torch.stack([u(n, lo=1 - b, hi=1 + b), u(n, lo=1 - c, hi=1 + c),
+                             u(n, lo=1 - s, hi=1 + s), u(n, lo=-hue, hi=hue)], 1),
+        order=torch.argsort(u(n, 4), dim=1),                         # random op order per image
+        gray=u(n) < p_gray,
+        blur=u(n) < p_blur,
+        sigma=u(n, lo=sigma[0], hi=sigma[1]))
+
+
+def resized_crop_flip(img, box, flip, size):
+    """Bilinear crop-and-resize of float images (n, 3, H, W) to size x size, per-image box
+    (top, left, h, w) and horizontal flip, as one grid_sample. Sample points are clamped to
+    the crop box, which is what torchvision's crop-then-resize does at the box's edges."""
+    n, _, H, W = img.shape
+    top, left, h, w = box.unbind(1)
+    t = (torch.arange(size, device=img.device, dtype=img.dtype) + 0.5) / size   # (size,)
+    ys = (top[:, None] + t * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
+    xs = (left[:, None] + t * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    gx = (2 * xs + 1) / W - 1                                        # align_corners=False
+    gy = (2 * ys + 1) / H - 1
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], -1)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(img):
+    """ITU-R 601 luma, torchvision's weights; (n, 3, H, W) -> (n, 1, H, W)."""
+    return (0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3])
+
+
+def _blend(img, other, factor):
+    return (factor * img + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_hue(img, shift):
+    """Rotate hue by shift (fraction of a turn, per image) via HSV, as torchvision does."""
+    r, g, b = img.unbind(1)
+    maxc, minc = img.max(1).values, img.min(1).values
+    delta = maxc - minc
+    sat = delta / torch.where(delta > 0, maxc, torch.ones_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    hue = torch.remainder(hue / 6.0 + shift[:, None, None], 1.0)
+    # HSV -> RGB in closed form: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=img.device)[None, :, None, None]
+                        + 6 * hue[:, None], 6.0)
+    return maxc[:, None] * (1 - sat[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+
+
+def color_jitter(img, factors, order, apply):
+    """ColorJitter(brightness, contrast, saturation, hue) in a random order per image; images
+    with apply=False are left untouched. Each of the 4 slots runs every op, masked to the images
+    whose permutation puts that op there: no host sync, the same result as a per-image loop."""
+    for slot in range(4):
+        for op in range(4):
+            m = (apply & (order[:, slot] == op))[:, None, None, None]
+            f = factors[:, op, None, None, None]
+            if op == 0:
+                new = _blend(img, torch.zeros_like(img), f)
+            elif op == 1:
+                new = _blend(img, grayscale(img).mean((1, 2, 3), keepdim=True), f)
+            elif op == 2:
+                new = _blend(img, grayscale(img), f)
+            else:
+                new = adjust_hue(img, factors[:, 3])
+            img = torch.where(m, new, img)
+    return img
+
+
+def gaussian_blur(img, sigma, apply, kernel_size):
+    """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision's
+    kernel); images with apply=False get a delta kernel, i.e. are unchanged."""
+    n, c, H, W = img.shape
+    x = torch.arange(kernel_size, device=img.device, dtype=img.dtype) - (kernel_size - 1) / 2
+    k = torch.exp(-0.5 * (x / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    delta = (x == 0).to(img.dtype).expand_as(k)
+    k = torch.where(apply[:, None], k, delta).repeat_interleave(c, 0)   # (n*c, K)
+    p = kernel_size // 2
+    out = F.pad(img.reshape(1, n * c, H, W), (p, p, p, p), mode="reflect")
+    out = F.conv2d(out, k[:, None, None, :], groups=n * c)
+    out = F.conv2d(out, k[:, None, :, None], groups=n * c)
+    return out.reshape(n, c, H, W)
+
+
+def blur_kernel_size(size):
+    """Blur sigma is U[0.1, 2] in pixels at STL-10's 96 px (blog); we scale sigma with the image
+    size (so 32 px CIFAR gets U[0.033, 0.67]) and cut the kernel at 3 sigma_max."""
+    return 2 * math.ceil(3 * 2.0 * size / 96) + 1
+
+
+def apply_aug(x_u8, params, mean, std):
+    """uint8 (n, 3, H, W) + params -> normalized float views (n, 3, H, W)."""
+    size = x_u8.shape[-1]
+    img = resized_crop_flip(x_u8.float() / 255, params["box"], params["flip"], size)
+    img = color_jitter(img, params["factors"], params["order"], params["jitter"])
+    img = torch.where(params["gray"][:, None, None, None], grayscale(img).expand_as(img), img)
+    img = gaussian_blur(img, params["sigma"] * size / 96, params["blur"], blur_kernel_size(size))
+    return normalize(img, mean, std)
+
+
+def normalize(img, mean, std):
+    m = torch.tensor(mean, device=img.device, dtype=img.dtype)[None, :, None, None]
+    s = torch.tensor(std, device=img.device, dtype=img.dtype)[None, :, None, None]
+    return (img - m) / s
+
+
+def augment(x_u8, gen, mean, std):
+    """One random view of every image of a uint8 batch, on x's device."""
+    params = sample_aug_params(len(x_u8), x_u8.shape[-1], gen, x_u8.device)
+    return apply_aug(x_u8, params, mean, std)
+
+
+# ============================================================================== models
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv with weight standardization (Qiao et al. 2019): each filter to zero mean, unit std."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def norm2d(kind, c):
+    if kind == "bn":
+        return nn.BatchNorm2d(c)
+    if kind in ("gn", "gn_ws"):
+        return nn.GroupNorm(min(32, c), c)   # 32 groups, or one per channel when c < 32
+    return nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, norm, conv):
+        super().__init__()
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm2d(norm, cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm2d(norm, cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm2d(norm, cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 layout (fc removed) with a width multiplier, a CIFAR or ImageNet
+    stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
+
+    def __init__(self, width=64, stem="imagenet", norm="bn"):
+        super().__init__()
+        conv = WSConv2d if norm == "gn_ws" else nn.Conv2d
+        if stem == "imagenet":
+            self.conv1 = conv(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = conv(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = norm2d(norm, width)
+        chans = [width, 2 * width, 4 * width, 8 * width]
+        cin = width
+        for i, c in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, c, stride, norm, conv),
+                                                         BasicBlock(c, c, 1, norm, conv)))
+            cin = c
+        self.out_dim = chans[-1]
+        for m in self.modules():   # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+NORMS = {"none": lambda d: nn.Identity(), "bn": nn.BatchNorm1d, "ln": nn.LayerNorm,
+         "gn": lambda d: nn.GroupNorm(min(32, d), d)}
+
+
+def build_mlp(in_dim, hidden_dim, out_dim, norm="bn"):
+    """Projector / predictor: Linear -> norm -> ReLU -> Linear; norm after the first Linear
+    only, as in the blog's Figure 'byol_arch' (and the BYOL paper)."""
+    if norm not in NORMS:
+        raise UsageError(f"unknown MLP norm {norm!r}; choose from {', '.join(NORMS)}")
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), NORMS[norm](hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class BYOL(nn.Module):
+    """Online network (encoder f, projector g, predictor q) and target network (EMA copies of f
+    and g, no gradient). The two views go through each network in separate calls, as the blog's
+    code and DeepMind's do: each view is its own BatchNorm batch, and BN batch composition is the
+    object of study. forward() has no side effects: the EMA and the queue update are explicit
+    calls in the training loop."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm)
+        y_dim = self.online_encoder.out_dim
+        self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.proj_norm)
+        self.predictor = build_mlp(cfg.proj_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.pred_norm)
+        self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
+        self.objective, self.temperature = cfg.objective, cfg.temperature
+        if cfg.objective == "contrastive":
+            # memory bank of target projections z' (MoCo): random unit vectors at first
+            self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def online(self, v):
+        z = self.online_projector(self.online_encoder(v))
+        return z, self.predictor(z)
+
+    @torch.no_grad()
+    def target(self, v):
+        return self.target_projector(self.target_encoder(v))
+
+    def forward(self, v1, v2):
+        """Returns the loss and detached diagnostics; the loss and cosines are in fp32 (bf16
+        cannot resolve a cosine of 0.9999)."""
+        z1, p1 = self.online(v1)
+        z2, p2 = self.online(v2)
+        t1, t2 = self.target(v1), self.target(v2)
+        p1, p2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (p1, p2, t1, t2))
+        if self.objective == "byol":
+            # blog: mean(1 - cos(q, z')) per view order, summed over both orders
+            # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
+            loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+        else:
+            loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
+        return dict(loss=loss, new_keys=t2, **collapse_stats(z1, z2, t1, t2))
+
+    def info_nce(self, q, k):
+        """Cross-entropy of the positive q.k against q.queue (negatives), temperature T."""
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.T], 1) / self.temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+    @torch.no_grad()
+    def enqueue_(self, keys):
+        """Writes keys into the queue ring buffer (no host sync)."""
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+
+
+@torch.no_grad()
+def collapse_stats(z1, z2, t1, t2):
+    """Blog's diagnostics: cosine of the online projection z of one view with the target
+    projection z' of the other view, for the same image (pos) and for other images of the batch
+    (neg), averaged over both orders; plus the std over the batch of the l2-normalized z,
+    averaged over dims (SimSiam's: ~1/sqrt(d) when spread out, 0 when collapsed)."""
+    z1, z2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (z1, z2, t1, t2))
+    n = len(z1)
+    pos = neg = 0.0
+    for z, t in ((z1, t2), (z2, t1)):
+        sim = z @ t.T
+        pos = pos + sim.diagonal().mean() / 2
+        neg = neg + (sim.sum() - sim.diagonal().sum()) / (n * (n - 1)) / 2
+    return dict(pos_cos=pos, neg_cos=neg, z_std=z1.std(0).mean())
+
+
+# ================================================================================= EMA
+
+
+@torch.no_grad()
+def ema_update_(target, online, tau):
+    """target <- tau * target + (1 - tau) * online, on parameters; buffers (BN running stats)
+    are copied. tau=1 leaves the target unchanged, tau=0 copies the online network."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
+    for tb, ob in zip(target.buffers(), online.buffers()):
+        tb.copy_(ob)
+
+
+def tau_at(step, total_steps, base_tau, schedule="constant"):
+    """BYOL's tau = 1 - (1 - base_tau) (cos(pi k / K) + 1) / 2, k counted in steps."""
+    if schedule == "constant" or total_steps == 0:
+        return base_tau
+    return 1 - (1 - base_tau) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ============================================================== optimizer / schedules
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where groups with lars=True get the layer-wise trust ratio of BYOL's
+    LARS (DeepMind's form): u = g + wd * w; u *= eta * |w| / |u|; buf = m * buf + u; w -= lr * buf.
+    Groups with lars=False are plain SGD with momentum (identical to torch.optim.SGD). The last
+    trust ratio of every adapted parameter stays in state[p]["trust"] for logging."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=False))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            u = torch._foreach_add([p.grad for p in ps], ps, alpha=g["weight_decay"])
+            if g["lars"]:
+                w_norm = torch.stack(torch._foreach_norm(ps))
+                u_norm = torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm,
+                                    torch.ones_like(w_norm))
+                trust = trust.unbind()
+                torch._foreach_mul_(u, trust)
+                for p, t in zip(ps, trust):
+                    self.state[p]["trust"] = t
+            bufs = []
+            for p, ui in zip(ps, u):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, u)
+            torch._foreach_add_(ps, bufs, alpha=-g["lr"])
+
+
+def lars_applies(name, which):
+    if which == "all":
+        return True
+    if which == "layer12":
+        return name.startswith(("online_encoder.layer1.", "online_encoder.layer2."))
+    return name.startswith(("online_projector.", "predictor."))   # "mlp"
+
+
+def param_groups(model, cfg):
+    """SGD (blog): weight decay on every parameter, biases and BN included. LARS (BYOL paper):
+    biases and norm parameters (the 1-D ones) get neither adaptation nor weight decay; with
+    lars_params = layer12 or mlp, only those weights are adapted, the rest is plain SGD."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lars = cfg.optimizer == "lars" and p.ndim > 1 and lars_applies(name, cfg.lars_params)
+        wd = 0.0 if (cfg.optimizer == "lars" and p.ndim == 1) else cfg.weight_decay
+        g = groups.setdefault((lars, wd), dict(params=[], names=[], lars=lars, weight_decay=wd))
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def lr_at(step, steps_per_epoch, cfg):
+    """Linear warmup, then cosine decay to 0 over schedule_epochs (per step)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    total = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ======================================================================= training loop
+
+
+def train_byol(cfg, on_epoch=None, data=None):
+    """Pretrains BYOL per cfg; returns one dict per epoch (epoch 0 = the untrained network):
+    epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, lr, tau, wall_s.
+    on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load."""
+    check_config(cfg)
+    set_seed(cfg.seed)
+    device = get_device(cfg.device)
+    data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
+    if cfg.epochs and cfg.batch_size > len(pretrain):
+        raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
+    mean, std = MEAN_STD[cfg.dataset]
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    model = BYOL(cfg).to(device, memory_format=torch.channels_last)
+    opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    amp = cfg.amp and device.type == "cuda"
+    step_fn = torch.compile(model) if cfg.compile else model
+
+    steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
+    total_steps = cfg.epochs * steps_per_epoch
+    rows, start, step = [], time.time(), 0
+    for epoch in range(cfg.epochs + 1):
+        sums = torch.zeros(4, device=device)   # loss, pos_cos, neg_cos, z_std: synced once/epoch
+        lr = tau = None
+        if epoch > 0:
+            model.train()
+            perm = torch.randperm(len(pretrain), generator=gen, device=device)
+            for i in range(steps_per_epoch):
+                x = pretrain[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                v1 = augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last)
+                v2 = augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last)
+                lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = step_fn(v1, v2)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
+                ema_update_(model.target_encoder, model.online_encoder, tau)
+                ema_update_(model.target_projector, model.online_projector, tau)
+                if cfg.objective == "contrastive":
+                    model.enqueue_(out["new_keys"])
+                sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
+                step += 1
+        last = epoch == cfg.epochs
+        evaluate = last or (cfg.eval_every and epoch % cfg.eval_every == 0)
+        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate else None
+        means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
+        row = dict(epoch=epoch, loss=means[0], probe_acc=acc, pos_cos=means[1], neg_cos=means[2],
+                   z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2))
+        if cfg.optimizer == "lars":
+            row.update(lars_lrs(opt, lr))
+        rows.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if row["loss"] is not None and not math.isfinite(row["loss"]):
+            print(f"  stopping: loss is {row['loss']} at epoch {epoch} (diverged)", file=sys.stderr)
+            break
+    return rows
+
+
+def lars_lrs(opt, lr):
+    """Effective LARS learning rate (lr * trust ratio) of the first weight of each module the
+    blog plots: encoder conv1 / layer1-4 first conv, and both layers of projector and predictor."""
+    out = {}
+    for g in opt.param_groups:
+        for name, p in zip(g["names"], g["params"]):
+            key = name.replace("online_", "").replace(".weight", "").replace(".0.conv1", "")
+            if "trust" in opt.state[p] and name.endswith("weight") and (
+                    name.endswith(("encoder.conv1.weight", ".0.conv1.weight")) or "proj" in name or "pred" in name):
+                out[f"lars_lr:{key}"] = lr * opt.state[p]["trust"].item()
+    return out
+
+
+# ======================================================================== linear probe
+
+
+@torch.no_grad()
+def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=True):
+    """Frozen-encoder features of uint8 images, eval mode; the encoder's mode is restored."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = []
+    for i in range(0, len(images_u8), batch_size):
+        x = normalize(images_u8[i:i + batch_size].to(device).float() / 255, mean, std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
+    encoder.train(was_training)
+    return torch.cat(feats)
+
+
+def fit_logreg(x, y, num_classes, l2, max_iter=100):
+    """Multinomial logistic regression by full-batch L-BFGS on standardized features.
+    Minimizes mean cross-entropy + l2/2 |W|^2. Returns a predict(x) function."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mu) / sd
+    w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda q: ((q - mu) / sd @ w + b).argmax(1)
+
+
+def linear_probe(encoder, data, cfg, device):
+    """Linear evaluation accuracy (%) of frozen encoder features (y, before the projector).
+    blog: fit on the first half of the test set, score on the second half (the blog's protocol,
+    sklearn LogisticRegression with C=1; we use l2 = 1/n_fit, the same strength per sample, on
+    standardized features). standard: fit on the train set, score on the test set."""
+    mean, std = MEAN_STD[cfg.dataset]
+    if cfg.probe == "blog":
+        half = len(data["test_x"]) // 2
+        fit_x, fit_y = data["test_x"][:half], data["test_y"][:half]
+        val_x, val_y = data["test_x"][half:2 * half], data["test_y"][half:2 * half]
+    else:
+        fit_x, fit_y, val_x, val_y = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
+    if cfg.probe_bn == "recompute":
+        encoder = recompute_bn_stats(encoder, fit_x, mean, std, device)
+    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=cfg.amp)
+    f_val = extract_features(encoder, val_x, mean, std, device, amp=cfg.amp)
+    predict = fit_logreg(f_fit, fit_y.to(device), int(data["test_y"].max()) + 1, l2=1.0 / len(f_fit))
+    return 100.0 * (predict(f_val) == val_y.to(device)).float().mean().item()
+
+
+@torch.no_grad()
+def recompute_bn_stats(encoder, images_u8, mean, std, device, batch_size=256):
+    """A copy of the encoder whose BN running statistics are re-estimated on images (exact
+    average over the batches), instead of those it was initialized or trained with."""
+    encoder = copy.deepcopy(encoder)
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None   # cumulative average
+    encoder.train()
+    for i in range(0, len(images_u8), batch_size):
+        encoder(normalize(images_u8[i:i + batch_size].to(device).float() / 255, mean, std))
+    return encoder.eval()
+
+
+# ================================================================= experiment runner
+
+COLUMNS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std",
+           "lr", "tau", "wall_s"]
+# --smoke: seconds on synthetic data, same code path and CSV shape (what CI runs)
+SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
+             epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
+
+
+def get_parser(doc, presets, variants):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
+    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+    p.add_argument("--seeds", type=str, default="1", help="N (seeds 0..N-1) or a list like 3,4 (default 1)")
+    p.add_argument("--variants", type=str, default="", help=f"comma list of: {', '.join(variants)} (default: all)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any Config field for every variant, e.g. --set lr=0.2 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ or stl10_binary/")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--out", default="results", help="folder for the CSV (default results/)")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    return p
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give a count like 3 or a list like 0,2") from None
+    if not seeds or min(seeds) < 0:
+        raise UsageError(f"--seeds {text!r}: need at least one seed, none negative")
+    return seeds
+
+
+def parse_overrides(pairs):
+    fields = {f.name: getattr(f.type, "__name__", f.type) for f in dataclasses.fields(Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE with KEY a Config field ({', '.join(fields)})")
+        kind = fields[key]
+        try:
+            out[key] = (value.lower() in ("1", "true", "yes")) if kind == "bool" else {
+                "int": int, "float": float, "str": str}[kind](value)
+        except ValueError:
+            raise UsageError(f"--set {pair!r}: {value!r} is not a valid {kind}") from None
+    return out
+
+
+def build_configs(args, presets, variants, extra_variants=None):
+    """(preset name, {variant: Config}) for the chosen preset, variants and CLI overrides.
+    extra_variants can be named with --variants but are not in the default grid."""
+    preset = args.preset or ("cifar10" if torch.cuda.is_available() else "cpu")
+    if not args.preset and not args.smoke:
+        print(f"no --preset given: using '{preset}' ({'GPU' if preset == 'cifar10' else 'no GPU'} found)")
+    names = [v for v in args.variants.split(",") if v] or list(variants)
+    variants = {**variants, **(extra_variants or {})}
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+    base = dict(presets[preset], device=args.device, data_dir=args.data_dir, compile=args.compile)
+    if args.smoke:
+        base.update(SMOKE)
+    cli = parse_overrides(args.set)
+    if args.epochs is not None:
+        cli["epochs"] = args.epochs
+    if args.batch_size is not None:
+        cli["batch_size"] = args.batch_size
+    configs = {}
+    for v in names:
+        over = dict(variants[v])
+        # a variant that never trains (random init) keeps epochs=0 whatever --epochs says
+        fields = {**base, **over, **{k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}}
+        configs[v] = check_config(Config(**fields))
+    return ("smoke" if args.smoke else preset), configs
+
+
+def read_rows(path, header):
+    """Rows of an existing results CSV; a torn last line (crash mid-write) is dropped."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        return []
+    if lines[0].split(",") != header:
+        raise UsageError(f"{path} exists with other columns; move it away or use another --out")
+    rows = list(csv.DictReader(lines))
+    if rows and None in rows[-1].values():
+        print(f"warning: dropping a torn last line of {path}", file=sys.stderr)
+        rows = rows[:-1]
+    return rows
+
+
+def write_rows(path, header, rows, mode="a"):
+    new = mode == "w" or not path.exists()
+    with open(path, mode, newline="") as f:
+        w = csv.DictWriter(f, header, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fmt(v):
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
+def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
+    """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv.
+    (variant, seed) runs already complete in that CSV are skipped; rows of an interrupted run
+    are dropped and the run starts over. Ends with a summary table beside the blog's numbers."""
+    preset, configs = build_configs(args, presets, variants, extra_variants)
+    variants = {**variants, **(extra_variants or {})}
+    seeds = parse_seeds(args.seeds)
+    over_keys = sorted({k for v in variants.values() for k in v})
+    header = COLUMNS + list(extra_columns) + [f"cfg_{k}" for k in over_keys]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{exp}_{preset}.csv"
+    old = read_rows(path, header)
+    done = {(r["variant"], int(r["seed"])) for r in old
+            if r["variant"] in configs and int(r["epoch"]) == configs[r["variant"]].epochs}
+    kept = [r for r in old if (r["variant"], int(r["seed"])) in done or r["variant"] not in configs]
+    if len(kept) != len(old) or not path.exists():
+        write_rows(path, header, kept, mode="w")
+    print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}"
+          + (f" ({len(done)} runs already done)" if done else ""))
+    data = load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+    for seed in seeds:
+        for name, cfg in configs.items():
+            if (name, seed) in done:
+                continue
+            cfg = dataclasses.replace(cfg, seed=seed)
+            print(f"[{name} seed {seed}] {', '.join(f'{k}={v}' for k, v in variants[name].items()) or 'base'}")
+            buffer = []
+
+            def log(row, name=name, seed=seed, cfg=cfg):
+                print(f"  epoch {row['epoch']:3d}  loss {fmt(row['loss']) or '-':>9}  probe {fmt(row['probe_acc']) or '-':>7}"
+                      f"  pos_cos {fmt(row['pos_cos']) or '-':>9}  neg_cos {fmt(row['neg_cos']) or '-':>9}"
+                      f"  z_std {fmt(row['z_std']) or '-':>9}  {row['wall_s']:.0f}s", flush=True)
+                full = dict(exp=exp, variant=name, seed=seed, **row, **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
+                buffer.append({k: fmt(v) for k, v in full.items()})
+                if row["epoch"] == cfg.epochs:   # a run's rows land together: no half-run in the CSV
+                    write_rows(path, header, buffer)
+            train_byol(cfg, on_epoch=log, data=data)
+    print_summary(read_rows(path, header), list(configs), blog or {})
+    return path
+
+
+def print_summary(rows, names, blog):
+    """Last-epoch probe accuracy and cosines, mean +- std over seeds, beside the blog's numbers."""
+    last = {}
+    for r in rows:
+        key = (r["variant"], r["seed"])
+        if r["variant"] in names and (key not in last or int(r["epoch"]) > int(last[key]["epoch"])):
+            last[key] = r
+
+    def ms(name, col):
+        vals = [float(r[col]) for (v, _), r in last.items() if v == name and r[col] not in ("", None)]
+        if not vals:
+            return "-"
+        return f"{np.mean(vals):.4g} +- {np.std(vals):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
+    print(f"\n{'variant':<22}{'probe_acc':>18}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
+    for name in names:
+        ref = blog.get(name, "")
+        print(f"{name:<22}{ms(name, 'probe_acc'):>18}{ms(name, 'pos_cos'):>20}{ms(name, 'neg_cos'):>20}   {ref}")
+
+
+def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variants=None, argv=None):
+    """Entry point of every exp_*.py: bad input ends with one line and exit code 2."""
+    args = get_parser(doc, presets, variants).parse_args(argv)
+    try:
+        return run_grid(exp, args, presets, variants, blog, extra_columns, extra_variants)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed runs are in the CSV; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,510 @@
+"""Tests of common.py and the exp_*.py scripts. CPU only, no downloads: pytest -q"""
+import csv
+import dataclasses
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
+                      epochs=2, queue_size=256, device="cpu", lr=0.2)
+
+
+# ------------------------------------------------------------------------------ models
+
+@pytest.mark.parametrize("norm", ["none", "bn", "ln", "gn"])
+def test_mlp_shapes_and_norm_after_first_linear_only(norm):
+    mlp = common.build_mlp(64, 128, 16, norm)
+    assert mlp(torch.randn(8, 64)).shape == (8, 16)
+    kinds = [type(m) for m in mlp]
+    assert kinds[0] is nn.Linear and kinds[-1] is nn.Linear and kinds[2] is nn.ReLU
+    expected = {"none": nn.Identity, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "gn": nn.GroupNorm}[norm]
+    assert kinds[1] is expected
+    n_norms = sum(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)) for m in mlp)
+    assert n_norms == (0 if norm == "none" else 1)
+
+
+def test_mlp_unknown_norm_raises():
+    with pytest.raises(common.UsageError):
+        common.build_mlp(4, 8, 4, "batchnorm")
+
+
+@pytest.mark.parametrize("stem,size,out_hw", [("cifar", 32, 32), ("imagenet", 96, 24)])
+@pytest.mark.parametrize("norm", ["bn", "gn", "gn_ws", "none"])
+def test_resnet_shapes_and_norms(stem, size, out_hw, norm):
+    net = common.ResNet18(width=8, stem=stem, norm=norm)
+    assert net(torch.randn(2, 3, size, size)).shape == (2, 64)
+    # stage-1 resolution: stride-1 CIFAR stem vs 7x7/2 conv + maxpool ImageNet stem
+    assert net.layer1(net.maxpool(net.conv1(torch.randn(1, 3, size, size)))).shape[-1] == out_hw
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    has_gn = any(isinstance(m, nn.GroupNorm) for m in net.modules())
+    has_ws = any(isinstance(m, common.WSConv2d) for m in net.modules())
+    assert (has_bn, has_gn, has_ws) == (norm == "bn", norm in ("gn", "gn_ws"), norm == "gn_ws")
+    assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 20   # 17 + 3 shortcuts
+
+
+def test_weight_standardized_conv_is_invariant_to_weight_scale_and_shift():
+    conv = common.WSConv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    y = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(7.0).add_(3.0)
+    assert torch.allclose(conv(x), y, rtol=1e-3, atol=1e-3)   # up to the 1e-5 in the std
+
+
+def test_target_is_a_copy_without_gradient_and_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    model = common.BYOL(SMALL)
+    v1, v2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    for a, b in zip(model.online_encoder.parameters(), model.target_encoder.parameters()):
+        assert torch.equal(a, b) and not b.requires_grad
+    out = model(v1, v2)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert all(p.grad is None for p in model.target_projector.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictor.parameters())
+    assert model.online_encoder.conv1.weight.grad.abs().sum() > 0
+    # the blog's loss: mean(1 - cos(q(z_1), z'_2)) + mean(1 - cos(q(z_2), z'_1)), same BN batches
+    with torch.no_grad():
+        _, p1 = model.online(v1)
+        _, p2 = model.online(v2)
+        t1, t2 = model.target(v1), model.target(v2)
+    cos = nn.functional.cosine_similarity
+    hand = (1 - cos(p1, t2)).mean() + (1 - cos(p2, t1)).mean()
+    assert torch.allclose(out["loss"], hand, atol=1e-5)
+
+
+def test_views_are_separate_batchnorm_batches():
+    """Forwarding the two views together would mix their BN statistics; we must not."""
+    torch.manual_seed(0)
+    model = common.BYOL(SMALL)
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32) * 3 + 1
+    z1_alone, _ = model.online(v1)
+    z1_joint, _ = model.online(torch.cat([v1, v2]))
+    assert not torch.allclose(z1_alone, z1_joint[:8], atol=1e-3)
+    loss = model(v1, v2)["loss"]
+    with torch.no_grad():
+        _, p1 = model.online(v1)
+        t2 = model.target(v2)
+        _, p2 = model.online(v2)
+        t1 = model.target(v1)
+    cos = nn.functional.cosine_similarity
+    assert torch.allclose(loss, (1 - cos(p1, t2)).mean() + (1 - cos(p2, t1)).mean(), atol=1e-5)
+
+
+def test_info_nce_and_queue():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SMALL, objective="contrastive", queue_size=8, proj_dim=4, temperature=0.5)
+    model = common.BYOL(cfg)
+    q = nn.functional.normalize(torch.randn(3, 4), dim=1)
+    k = nn.functional.normalize(torch.randn(3, 4), dim=1)
+    # hand: -log softmax of the positive among [q.k, q.queue_1..8] / T
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.T], 1) / 0.5
+    hand = -(logits[:, 0] - torch.logsumexp(logits, 1)).mean()
+    assert torch.allclose(model.info_nce(q, k), hand, atol=1e-6)
+    # ring buffer: 3 + 3 + 3 keys into 8 slots wrap around
+    keys = [torch.full((3, 4), float(i)) for i in range(3)]
+    for key in keys:
+        model.enqueue_(key)
+    assert model.queue_ptr.item() == 1
+    assert model.queue[:, 0].tolist() == [2.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+
+
+def test_collapse_stats():
+    z = torch.randn(1, 8).repeat(16, 1)   # every projection the same: collapse
+    s = common.collapse_stats(z, z, z, z)
+    assert s["pos_cos"].item() == pytest.approx(1, abs=1e-5) and s["neg_cos"].item() == pytest.approx(1, abs=1e-5)
+    assert s["z_std"].item() == pytest.approx(0, abs=1e-6)
+    e = torch.eye(8)                       # orthogonal projections, positives identical
+    s = common.collapse_stats(e, e, e, e)
+    assert s["pos_cos"].item() == pytest.approx(1) and s["neg_cos"].item() == pytest.approx(0)
+
+
+# ------------------------------------------------------------------------ EMA, schedules
+
+def test_ema_update_maths():
+    online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        target.weight.copy_(torch.tensor([3.0, 2.0, 1.0]))
+        online.running_mean.fill_(5.0)
+    common.ema_update_(target, online, 1.0)
+    assert target.weight.tolist() == [3.0, 2.0, 1.0]
+    common.ema_update_(target, online, 0.75)
+    assert torch.allclose(target.weight, torch.tensor([2.5, 2.0, 1.5]))
+    assert target.running_mean.tolist() == [5.0] * 3
+    common.ema_update_(target, online, 0.0)
+    assert torch.equal(target.weight, online.weight)
+
+
+def test_tau_and_lr_schedules():
+    assert common.tau_at(0, 100, 0.996, "cosine") == pytest.approx(0.996)
+    assert common.tau_at(50, 100, 0.996, "cosine") == pytest.approx(0.998)
+    assert common.tau_at(100, 100, 0.996, "cosine") == pytest.approx(1.0)
+    assert common.tau_at(70, 100, 0.99, "constant") == 0.99
+    cfg = common.Config(lr=1.0, epochs=10, warmup_epochs=1)
+    assert common.lr_at(0, 10, cfg) == pytest.approx(0.1)
+    assert common.lr_at(9, 10, cfg) == pytest.approx(1.0)
+    assert common.lr_at(10, 10, cfg) == pytest.approx(1.0)
+    assert common.lr_at(55, 10, cfg) == pytest.approx(0.5)
+    # the blog: cosine over 320 epochs, stopped after 10 -> lr barely moves
+    blog = common.Config(lr=0.8, epochs=10, schedule_epochs=320)
+    assert common.lr_at(10 * 410 - 1, 410, blog) == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi * 10 / 320)), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- LARS
+
+def test_lars_step_matches_hand_computation():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))          # |w| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])
+    opt = common.LARS([dict(params=[w], lars=True, weight_decay=0.1),
+                       dict(params=[b], lars=False, weight_decay=0.0)], lr=2.0, momentum=0.9, eta=0.01)
+    opt.step()
+    u = torch.tensor([[0.6, 0.8]]) + 0.1 * torch.tensor([[3.0, 4.0]])   # g + wd w = [0.9, 1.2], |u| = 1.5
+    trust = 0.01 * 5.0 / 1.5
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0]]) - 2.0 * trust * u)
+    assert b.item() == pytest.approx(1.0 - 2.0 * 0.5)      # excluded: plain SGD, no decay
+    assert opt.state[w]["trust"].item() == pytest.approx(trust)
+    # second step: momentum buffer = 0.9 * previous + new adapted update
+    w.grad = torch.tensor([[0.6, 0.8]])
+    before = w.detach().clone()
+    opt.step()
+    u2 = torch.tensor([[0.6, 0.8]]) + 0.1 * before
+    buf = 0.9 * trust * u + 0.01 * before.norm() / u2.norm() * u2
+    assert torch.allclose(w, before - 2.0 * buf, atol=1e-6)
+
+
+def test_lars_without_adaptation_equals_torch_sgd():
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 3), nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    ours = common.LARS([dict(params=list(a.parameters()), lars=False, weight_decay=1e-2)], lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):
+        x = torch.randn(4, 5)
+        for net, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_param_groups_exclusions_and_per_module_lars():
+    model = common.BYOL(SMALL)
+
+    def adapted(cfg):
+        return {n for g in common.param_groups(model, cfg) if g["lars"] for n in g["names"]}
+
+    def decayed(cfg):
+        return {n for g in common.param_groups(model, cfg) if g["weight_decay"] > 0 for n in g["names"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("target") for n in trainable)
+    sgd = dataclasses.replace(SMALL, optimizer="sgd")
+    assert adapted(sgd) == set() and decayed(sgd) == trainable          # blog: decay on everything
+    lars = dataclasses.replace(SMALL, optimizer="lars")
+    matrices = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}
+    assert adapted(lars) == matrices and decayed(lars) == matrices       # no bias / norm params
+    l12 = adapted(dataclasses.replace(lars, lars_params="layer12"))
+    assert l12 and all(n.startswith(("online_encoder.layer1.", "online_encoder.layer2.")) for n in l12)
+    assert l12 == {n for n in matrices if ".layer1." in n or ".layer2." in n}
+    mlp = adapted(dataclasses.replace(lars, lars_params="mlp"))
+    assert mlp == {n for n in matrices if n.startswith(("online_projector", "predictor"))} and len(mlp) == 4
+
+
+# ---------------------------------------------------------------------- augmentations
+
+def _params(n, seed=0, size=32):
+    return common.sample_aug_params(n, size, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_augmentation_is_drawn_per_image_and_per_view():
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(64, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    v1 = common.augment(x, gen, (0.5,) * 3, (0.25,) * 3)
+    v2 = common.augment(x, gen, (0.5,) * 3, (0.25,) * 3)
+    assert v1.shape == (64, 3, 32, 32)
+    flat = v1.flatten(1)
+    distinct = torch.cdist(flat, flat) + torch.eye(64) * 1e9
+    assert distinct.min() > 1e-3                    # no two copies of the image got the same view
+    assert (v1 - v2).flatten(1).norm(dim=1).min() > 1e-3
+
+
+def test_augmentation_parameter_statistics():
+    p = _params(20000)
+    top, left, h, w = p["box"].unbind(1)
+    area = h * w / 32 ** 2
+    assert area.min() >= 0.18 and area.max() <= 1.0            # scale (0.2, 1), after rounding
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    assert 0.5 < area.mean() < 0.65
+    aspect = (w / h).log()
+    assert aspect.abs().max() <= math.log(4 / 3) + 0.2 and abs(aspect.mean()) < 0.01
+    for key, prob in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
+        assert abs(p[key].float().mean().item() - prob) < 0.015, key
+    f = p["factors"]
+    for i, (lo, hi) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):
+        assert f[:, i].min() >= lo and f[:, i].max() <= hi and abs(f[:, i].mean() - (lo + hi) / 2) < 0.01
+    assert (p["sigma"] >= 0.1).all() and (p["sigma"] <= 2.0).all()
+    # every op order is a permutation, and all 24 occur about equally often
+    assert (p["order"].sort(1).values == torch.arange(4)).all()
+    counts = torch.unique(p["order"], dim=0, return_counts=True)[1]
+    assert len(counts) == 24 and counts.min() > 20000 / 24 * 0.8
+
+
+def _images(n=6, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_crop_and_flip_match_torchvision():
+    img = _images()
+    p = _params(6, seed=1)
+    p["flip"] = torch.tensor([True, False] * 3)
+    ours = common.resized_crop_flip(img, p["box"], p["flip"], 32)
+    for i in range(6):
+        t, l, h, w = (int(v) for v in p["box"][i])
+        ref = TF.resized_crop(img[i], t, l, h, w, [32, 32], antialias=True)
+        ref = TF.hflip(ref) if p["flip"][i] else ref
+        assert torch.allclose(ours[i], ref, atol=1e-5), i
+
+
+def test_color_ops_match_torchvision():
+    img = _images(8)
+    f = torch.linspace(0.6, 1.4, 8)
+    h = torch.linspace(-0.1, 0.1, 8)
+    for op, ref_fn, factor in ((0, TF.adjust_brightness, f), (1, TF.adjust_contrast, f),
+                               (2, TF.adjust_saturation, f), (3, TF.adjust_hue, h)):
+        factors = torch.ones(8, 4)
+        factors[:, 3] = 0
+        factors[:, op] = factor
+        order = torch.tensor([op, *[o for o in range(4) if o != op]]).repeat(8, 1)
+        ours = common.color_jitter(img, factors, order, torch.ones(8, dtype=torch.bool))
+        for i in range(8):
+            assert torch.allclose(ours[i], ref_fn(img[i], factor[i].item()), atol=1e-5), (op, i)
+    gray = common.grayscale(img).expand_as(img)
+    assert torch.allclose(gray, TF.rgb_to_grayscale(img, 3), atol=1e-6)
+
+
+def test_color_jitter_random_order_matches_sequential_torchvision():
+    img = _images(12)
+    p = _params(12, seed=3)
+    p["jitter"][:2] = False
+    ours = common.color_jitter(img, p["factors"], p["order"], p["jitter"])
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(12):
+        ref = img[i]
+        if p["jitter"][i]:
+            for op in p["order"][i].tolist():
+                ref = fns[op](ref, p["factors"][i, op].item())
+        assert torch.allclose(ours[i], ref, atol=1e-5), i
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_blur_matches_torchvision(size):
+    img = _images(4, size)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    apply = torch.tensor([True, True, False, True])
+    k = common.blur_kernel_size(size)
+    ours = common.gaussian_blur(img, sigma, apply, k)
+    for i in range(4):
+        ref = TF.gaussian_blur(img[i], [k, k], [sigma[i].item()] * 2) if apply[i] else img[i]
+        assert torch.allclose(ours[i], ref, atol=1e-5), i
+
+
+# ----------------------------------------------------------------------------- probe
+
+def test_logreg_recovers_a_known_linear_signal():
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(20, 5, generator=g)
+    scales = torch.linspace(0.1, 10, 20)                  # features of very unequal scale
+    x = torch.randn(3000, 20, generator=g) * scales
+    y = ((x / scales) @ w_true).argmax(1)
+    predict = common.fit_logreg(x[:2000], y[:2000], 5, l2=1 / 2000)
+    acc = (predict(x[2000:]) == y[2000:]).float().mean().item()
+    assert acc > 0.95
+    shuffled = common.fit_logreg(x[:2000], y[:2000][torch.randperm(2000, generator=g)], 5, l2=1 / 2000)
+    assert (shuffled(x[2000:]) == y[2000:]).float().mean().item() < 0.4
+
+
+def test_probe_does_not_touch_the_encoder():
+    data = common.make_synthetic(64, 64)
+    model = common.BYOL(SMALL)
+    enc = model.online_encoder.train()
+    enc(torch.randn(8, 3, 32, 32))             # non-trivial running stats
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    for probe_bn in ("running", "recompute"):
+        cfg = dataclasses.replace(SMALL, probe_bn=probe_bn)
+        acc = common.linear_probe(enc, data, cfg, torch.device("cpu"))
+        assert 0 <= acc <= 100
+        assert enc.training
+        for k, v in enc.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_recomputed_bn_stats_are_the_data_statistics():
+    net = common.ResNet18(width=4, stem="cifar", norm="bn")
+    imgs = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    m, s = (0.5,) * 3, (0.25,) * 3
+    new = common.recompute_bn_stats(net, imgs, m, s, torch.device("cpu"), batch_size=20)
+    x = common.normalize(imgs.float() / 255, m, s)
+    first = nn.functional.conv2d(x, net.conv1.weight, padding=1)
+    assert torch.allclose(new.bn1.running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert net.bn1.running_mean.abs().sum() == 0   # the original is untouched
+
+
+# ------------------------------------------------------------------------ data loaders
+
+def _write_cifar(folder, n=20):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n)),
+             b"batch_label": b"x", b"filenames": [b"f"] * n}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+
+
+def test_cifar_loader_and_errors(tmp_path):
+    _write_cifar(tmp_path / common.CIFAR_DIR)
+    d = common.load_dataset("cifar10", str(tmp_path))
+    assert d["train_x"].shape == (100, 3, 32, 32) and d["train_x"].dtype == torch.uint8
+    assert d["test_x"].shape == (20, 3, 32, 32) and d["test_y"].dtype == torch.int64
+    raw = pickle.load(open(tmp_path / common.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
+    assert d["train_x"][0, 1, 0, 0] == raw[b"data"][0, 1024]     # planar R, G, B
+    with pytest.raises(common.UsageError, match="looked in"):
+        common.load_dataset("cifar10", str(tmp_path / "nowhere"))
+    (tmp_path / common.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(common.UsageError, match="unreadable"):
+        common.load_dataset("cifar10", str(tmp_path))
+
+
+def test_stl10_loader_reads_the_binary_layout(tmp_path):
+    folder = tmp_path / common.STL_DIR
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8) for s, n in
+              (("train", 4), ("test", 6), ("unlabeled", 3))}
+    for split, x in images.items():
+        # STL-10 stores (N, C, W, H): column-major per channel
+        x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
+    for split, n in (("train", 4), ("test", 6)):
+        np.arange(1, n + 1, dtype=np.uint8).tofile(folder / f"{split}_y.bin")
+    d = common.load_dataset("stl10", str(tmp_path))
+    assert d["pretrain_x"].shape == (7, 3, 96, 96)
+    assert torch.equal(d["test_x"], torch.from_numpy(images["test"]))
+    assert torch.equal(d["pretrain_x"][4:], torch.from_numpy(images["unlabeled"]))
+    assert d["train_y"].tolist() == [0, 1, 2, 3]                 # 1..10 on disk -> 0..9
+    (folder / "test_X.bin").write_bytes(b"\x00" * 1000)
+    with pytest.raises(common.UsageError, match="whole number"):
+        common.load_dataset("stl10", str(tmp_path))
+
+
+# ------------------------------------------------------------------- training loop
+
+def test_seeded_training_is_reproducible_and_seed_dependent():
+    data = common.make_synthetic(256, 128)
+    cfg = dataclasses.replace(SMALL, epochs=1, eval_every=1)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    a = strip(common.train_byol(cfg, data=data))
+    b = strip(common.train_byol(cfg, data=data))
+    c = strip(common.train_byol(dataclasses.replace(cfg, seed=1), data=data))
+    assert a == b
+    assert a[-1]["loss"] != c[-1]["loss"]
+    assert [r["epoch"] for r in a] == [0, 1] and a[0]["loss"] is None and a[1]["probe_acc"] is not None
+
+
+def test_training_learns_on_synthetic_data():
+    """BYOL with BN MLPs lowers its loss and its features beat the untrained ones."""
+    data = common.make_synthetic(512, 512)
+    rows = common.train_byol(dataclasses.replace(SMALL, width=8, epochs=4, eval_every=4), data=data)
+    assert rows[-1]["loss"] < rows[1]["loss"]
+    assert rows[-1]["probe_acc"] > rows[0]["probe_acc"] + 3
+
+
+def test_bad_config_values_raise():
+    for bad in (dict(epochs=-1), dict(proj_norm="batch"), dict(batch_size=0), dict(base_tau=1.5),
+                dict(objective="contrastive", queue_size=8)):
+        with pytest.raises(common.UsageError):
+            common.check_config(dataclasses.replace(SMALL, **bad))
+    with pytest.raises(common.UsageError, match="batch_size"):
+        common.train_byol(dataclasses.replace(SMALL, batch_size=5000), data=common.make_synthetic(64, 64))
+
+
+# ------------------------------------------------------------------------ the scripts
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_smoke_writes_the_csv(script, tmp_path):
+    r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (csv_path,) = tmp_path.glob("*_smoke.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert set(common.COLUMNS) <= set(rows[0])
+    mod = __import__(script[:-3])
+    assert {r["variant"] for r in rows} == set(mod.VARIANTS)
+    for v in mod.VARIANTS:
+        epochs = [int(r["epoch"]) for r in rows if r["variant"] == v]
+        assert epochs == list(range(max(epochs) + 1))
+        last = [r for r in rows if r["variant"] == v][-1]
+        assert last["probe_acc"] != ""
+    # rerunning skips the finished runs instead of duplicating them
+    r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0 and "already done" in r.stdout
+    assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
+
+
+def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
+    script = str(ROOT / "exp_table1_norms.py")
+    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "table1_smoke.csv"
+    lines = path.read_text().splitlines()
+    byol_rows = [l for l in lines if ",byol," in l]
+    # simulate a crash: byol's last epoch missing, and a torn half line at the end
+    kept = [l for l in lines if l != byol_rows[-1]]
+    path.write_text("\n".join(kept) + "\n" + byol_rows[-1][:12])
+    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torn" in r.stderr and "1 runs already done" in r.stdout
+    rows = list(csv.DictReader(open(path)))
+    assert sorted(int(r["epoch"]) for r in rows if r["variant"] == "byol") == [0, 1, 2]
+    assert len([r for r in rows if r["variant"] == "random"]) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "nope"], "unknown variant"),
+    (["--epochs", "-1"], "epochs"),
+    (["--set", "proj_norm=batch"], "proj_norm"),
+    (["--set", "lr=fast"], "not a valid float"),
+    (["--seeds", "x"], "--seeds"),
+    (["--batch-size", "100000"], "batch_size"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), *args], tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_folder_exits_2(tmp_path):
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--preset", "cifar10", "--data-dir", str(tmp_path / "none"),
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
