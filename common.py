@@ -48,6 +48,8 @@ class Config:
     objective: str = "byol"          # byol (1 - cos, both view orders) | contrastive (InfoNCE, queue)
     temperature: float = 0.2         # contrastive only
     queue_size: int = 65536          # contrastive only: number of stored target projections
+    queue_init: str = "random"       # contrastive only: random unit vectors (the blog's MoCo code) |
+                                     # data: target projections of real images (see fill_queue_)
     # optimization
     optimizer: str = "sgd"           # sgd | lars
     lars_params: str = "all"         # weights LARS adapts: all | layer12 (encoder layer1+2) | mlp
@@ -78,7 +80,7 @@ CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagen
                pred_norm=("none", "bn", "ln", "gn"), objective=("byol", "contrastive"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
-               probe_bn=("running", "recompute"))
+               probe_bn=("running", "recompute"), queue_init=("random", "data"))
 
 
 class UsageError(Exception):
@@ -656,6 +658,8 @@ def train_byol(cfg, on_epoch=None, data=None):
     amp = cfg.amp and device.type == "cuda"
     step_fn = torch.compile(model) if cfg.compile else model
 
+    if cfg.objective == "contrastive" and cfg.queue_init == "data":
+        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std)
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
     total_steps = cfg.epochs * steps_per_epoch
     rows, start, step = [], time.time(), 0
@@ -698,6 +702,18 @@ def train_byol(cfg, on_epoch=None, data=None):
             print(f"  stopping: loss is {row['loss']} at epoch {epoch} (diverged)", file=sys.stderr)
             break
     return rows
+
+
+@torch.no_grad()
+def fill_queue_(model, images_u8, gen, batch_size, mean, std):
+    """Fills the queue with target projections of augmented real images before training. With
+    a randomly initialized queue, a network whose initial projections are already similar can
+    lower the loss by collapsing onto one direction away from the random negatives; once the
+    queue holds only collapsed keys the gradient vanishes (measured on the cpu preset)."""
+    idx = torch.randperm(len(images_u8), generator=gen, device=images_u8.device)[:len(model.queue)]
+    for chunk in idx.split(batch_size):
+        keys = model.target(augment(images_u8[chunk], gen, mean, std).contiguous(memory_format=torch.channels_last))
+        model.enqueue_(F.normalize(keys.float(), dim=1))
 
 
 def lars_lrs(opt, lr):
@@ -786,6 +802,19 @@ def recompute_bn_stats(encoder, images_u8, mean, std, device, batch_size=256):
 
 
 # ================================================================= experiment runner
+
+# Settings the scripts' presets share (SPEC.md section 2); each script adds epochs and its own.
+# blog: the blog's STL-10 runs. cifar10: the same recipe on CIFAR-10, for a GPU. cpu: minutes on
+# 2 cores (chosen by measurement, README "The CPU preset"): a narrow CIFAR-stem ResNet-18 on the
+# first 10k CIFAR-10 images; batch 64 gives 4x the steps of 256 at the same images/s on 2 cores.
+BLOG_STL10 = dict(dataset="stl10", stem="imagenet", width=64, batch_size=256, lr=0.8, weight_decay=1e-4,
+                  base_tau=0.996, queue_size=65536)
+CIFAR10_GPU = dict(BLOG_STL10, dataset="cifar10", stem="cifar", queue_size=16384)
+CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, batch_size=64, lr=0.1,
+                 weight_decay=1e-4, base_tau=0.99, queue_size=4096, queue_init="data")
+# LARS as in the BYOL paper (section 3.3 and DeepMind's config): trust 1e-3, weight decay 1.5e-6
+# off biases and norms, tau 0.996 -> 1 on a per-step cosine
+LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine")
 
 COLUMNS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std",
            "lr", "tau", "wall_s"]
@@ -911,8 +940,9 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{exp}_{preset}.csv"
     old = read_rows(path, header)
-    done = {(r["variant"], int(r["seed"])) for r in old
-            if r["variant"] in configs and int(r["epoch"]) == configs[r["variant"]].epochs}
+    # a run is done when its last epoch, or a diverged (non-finite) loss, is in the CSV
+    done = {(r["variant"], int(r["seed"])) for r in old if r["variant"] in configs and (
+            int(r["epoch"]) == configs[r["variant"]].epochs or r["loss"] in ("nan", "inf", "-inf"))}
     kept = [r for r in old if (r["variant"], int(r["seed"])) in done or r["variant"] not in configs]
     if len(kept) != len(old) or not path.exists():
         write_rows(path, header, kept, mode="w")
@@ -935,7 +965,9 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 buffer.append({k: fmt(v) for k, v in full.items()})
                 if row["epoch"] == cfg.epochs:   # a run's rows land together: no half-run in the CSV
                     write_rows(path, header, buffer)
-            train_byol(cfg, on_epoch=log, data=data)
+            rows = train_byol(cfg, on_epoch=log, data=data)
+            if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
+                write_rows(path, header, buffer)
     print_summary(read_rows(path, header), list(configs), blog or {})
     return path
 

@@ -30,17 +30,10 @@ statistics on the probe's images first (not in the default grid: pass --variants
 import common
 
 PRESETS = {
-    "blog": dict(dataset="stl10", stem="imagenet", width=64, lr=0.8, weight_decay=1e-4,
-                 base_tau=0.996, epochs=10, schedule_epochs=320, batch_size=256, queue_size=65536),
-    "cifar10": dict(dataset="cifar10", stem="cifar", width=64, lr=0.8, weight_decay=1e-4,
-                    base_tau=0.996, epochs=10, schedule_epochs=320, batch_size=256, queue_size=16384),
-    # cpu: chosen by measurement (README, "The CPU preset"): a narrow (width 16, 128-d y)
-    # CIFAR-stem ResNet-18 on the first 10k CIFAR-10 training images, 12 epochs. Batch 64
-    # rather than 256: same images/s on 2 cores, 4x the steps (BYOL's early progress is
-    # counted in steps). lr 0.1 and tau 0.99 (a faster target) for the short horizon.
-    "cpu": dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, lr=0.1,
-                weight_decay=1e-4, base_tau=0.99, epochs=12, schedule_epochs=320, batch_size=64,
-                queue_size=4096),
+    "blog": dict(common.BLOG_STL10, epochs=10, schedule_epochs=320),
+    "cifar10": dict(common.CIFAR10_GPU, epochs=10, schedule_epochs=320),
+    # cpu: lr 0.1 and tau 0.99 (a faster target) for the short horizon; README "The CPU preset"
+    "cpu": dict(common.CPU_SMALL, epochs=12, schedule_epochs=320),
 }
 
 # contrastive: the blog's "xent" config, lr 0.02 (SPEC.md section 2)

@@ -508,3 +508,22 @@ def test_missing_data_folder_exits_2(tmp_path):
     r = _run([str(ROOT / "exp_table1_norms.py"), "--preset", "cifar10", "--data-dir", str(tmp_path / "none"),
               "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_diverged_run_stops_and_is_recorded(tmp_path):
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--set", "lr=1e12",
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "diverged" in r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "table1_smoke.csv")))
+    assert rows[-1]["loss"] in ("nan", "inf") and int(rows[-1]["epoch"]) < 2
+
+
+def test_plot_results_draws_every_csv(tmp_path):
+    r = _run([str(ROOT / "exp_lars.py"), "--smoke", "--variants", "bn_sgd_mlp_bn,gn_lars_layer12",
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "lars_smoke.csv")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "lars_smoke.png"
+    assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,83 @@
+"""Draws the blog's figures from result CSVs alone: one PNG beside each CSV, with
+(a) probe accuracy per epoch (the untrained encoder's level dashed), (b) positive (dashed) and
+negative (solid) cosine of z and z' per epoch, (c) training loss on a log scale, and (d) for
+runs with LARS, the effective LARS lr of encoder layer1 and the projector's first layer.
+
+    python plot_results.py results/table1_cpu.csv [more.csv ...]
+    python plot_results.py            # every results/*.csv
+
+Uses matplotlib (plots are the one place a library clearly beats hand-written code).
+"""
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def curves(rows, column):
+    """{variant: (epochs, mean over seeds)} of a column, skipping empty cells."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get(column) not in (None, ""):
+            by[r["variant"]][int(r["epoch"])].append(float(r[column]))
+    return {v: (sorted(d), [sum(d[e]) / len(d[e]) for e in sorted(d)]) for v, d in by.items()}
+
+
+def plot(csv_path):
+    rows = list(csv.DictReader(open(csv_path)))
+    if not rows:
+        print(f"{csv_path}: no rows, skipped")
+        return None
+    lars_cols = [c for c in ("lars_lr:encoder.layer1", "lars_lr:projector.0") if c in rows[0]]
+    panels = 4 if lars_cols and curves(rows, lars_cols[0]) else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
+    ax = axes[0]
+    start = [float(r["probe_acc"]) for r in rows if r["epoch"] == "0" and r["probe_acc"]]
+    if start:
+        ax.axhline(sum(start) / len(start), color="k", ls="--", lw=1, label="untrained encoder")
+    for v, (e, acc) in curves(rows, "probe_acc").items():
+        if len(e) > 1:
+            ax.plot(e, acc, "o-", ms=3, color=colors[v], label=v)
+    ax.set(xlabel="epoch", ylabel="linear probe accuracy (%)", title="Linear evaluation accuracy")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for v, (e, c) in curves(rows, "neg_cos").items():
+        ax.plot(e, c, "-", color=colors[v], label=v)
+    for v, (e, c) in curves(rows, "pos_cos").items():
+        ax.plot(e, c, "--", color=colors[v])
+    ax.set(xlabel="epoch", ylabel="cosine(z, z')", title="Positive (dashed) / negative (solid) cosine",
+           ylim=(-0.05, 1.05))
+    ax = axes[2]
+    for v, (e, loss) in curves(rows, "loss").items():
+        ax.plot(e, loss, "-", color=colors[v], label=v)
+    ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss")
+    if panels == 4:
+        ax = axes[3]
+        for col, ls in zip(lars_cols, ("-", ":")):
+            for v, (e, lr) in curves(rows, col).items():
+                ax.plot(e, lr, ls, color=colors[v], label=f"{v} {col.split(':')[1]}")
+        ax.set(xlabel="epoch", ylabel="lr x trust ratio", yscale="log",
+               title="LARS lr: layer1 (solid), projector layer 1 (dotted)")
+        ax.legend(fontsize=6)
+    fig.suptitle(Path(csv_path).name)
+    fig.tight_layout()
+    out = Path(csv_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    paths = sys.argv[1:] or sorted(str(p) for p in Path("results").glob("*.csv"))
+    if not paths:
+        sys.exit("error: no CSV given and none in results/")
+    for p in paths:
+        if not Path(p).is_file():
+            sys.exit(f"error: {p} does not exist")
+        plot(p)
