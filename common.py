@@ -554,8 +554,9 @@ def ema_update_(target, online, tau):
     """target <- tau * target + (1 - tau) * online, on parameters; buffers (BN running stats)
     are copied. tau=1 leaves the target unchanged, tau=0 copies the online network."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
-    for tb, ob in zip(target.buffers(), online.buffers()):
-        tb.copy_(ob)
+    buffers = list(target.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(online.buffers()))
 
 
 def tau_at(step, total_steps, base_tau, schedule="constant"):
@@ -640,10 +641,13 @@ def lr_at(step, steps_per_epoch, cfg):
 # ======================================================================= training loop
 
 
-def train_byol(cfg, on_epoch=None, data=None):
+def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     """Pretrains BYOL per cfg; returns one dict per epoch (epoch 0 = the untrained network):
     epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, lr, tau, wall_s.
-    on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load."""
+    on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load.
+    checkpoint: a file path; the state after every epoch is saved there, and a run that finds a
+    checkpoint of the same config continues from it (rows before it are passed to on_epoch
+    again), giving the same numbers as an uninterrupted run."""
     check_config(cfg)
     set_seed(cfg.seed)
     device = get_device(cfg.device)
@@ -658,12 +662,23 @@ def train_byol(cfg, on_epoch=None, data=None):
     amp = cfg.amp and device.type == "cuda"
     step_fn = torch.compile(model) if cfg.compile else model
 
-    if cfg.objective == "contrastive" and cfg.queue_init == "data":
-        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std)
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
     total_steps = cfg.epochs * steps_per_epoch
     rows, start, step = [], time.time(), 0
-    for epoch in range(cfg.epochs + 1):
+    saved = load_checkpoint(checkpoint, cfg)
+    if saved:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        rows, step = saved["rows"], saved["step"]
+        start -= rows[-1]["wall_s"]
+        print(f"  resuming from the checkpoint after epoch {rows[-1]['epoch']}")
+        for row in rows:
+            if on_epoch:
+                on_epoch(row)
+    elif cfg.objective == "contrastive" and cfg.queue_init == "data":
+        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std)
+    for epoch in range(len(rows), cfg.epochs + 1):
         sums = torch.zeros(4, device=device)   # loss, pos_cos, neg_cos, z_std: synced once/epoch
         lr = tau = None
         if epoch > 0:
@@ -687,21 +702,47 @@ def train_byol(cfg, on_epoch=None, data=None):
                     model.enqueue_(out["new_keys"])
                 sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
                 step += 1
-        last = epoch == cfg.epochs
-        evaluate = last or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate else None
         means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
+        diverged = means[0] is not None and not math.isfinite(means[0])
+        evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
+        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged else None
         row = dict(epoch=epoch, loss=means[0], probe_acc=acc, pos_cos=means[1], neg_cos=means[2],
                    z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2))
         if cfg.optimizer == "lars":
             row.update(lars_lrs(opt, lr))
         rows.append(row)
+        if checkpoint and epoch < cfg.epochs:
+            save_checkpoint(checkpoint, cfg, model, opt, gen, rows, step)
         if on_epoch:
             on_epoch(row)
-        if row["loss"] is not None and not math.isfinite(row["loss"]):
+        if diverged:
             print(f"  stopping: loss is {row['loss']} at epoch {epoch} (diverged)", file=sys.stderr)
             break
     return rows
+
+
+def save_checkpoint(path, cfg, model, opt, gen, rows, step):
+    """Everything a run needs to continue: networks (queue and BN stats included), optimizer
+    state, the generator behind data order and augmentations, the rows so far. Written to a
+    temporary file and renamed, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(cfg=_resumable(cfg), model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
+                 rows=rows, step=step)
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_checkpoint(path, cfg):
+    if not path or not Path(path).exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state if state["cfg"] == _resumable(cfg) else None
+
+
+def _resumable(cfg):
+    """The config fields a checkpoint must match (where it runs may change)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir", "compile")}
 
 
 @torch.no_grad()
@@ -782,6 +823,8 @@ def linear_probe(encoder, data, cfg, device):
         encoder = recompute_bn_stats(encoder, fit_x, mean, std, device)
     f_fit = extract_features(encoder, fit_x, mean, std, device, amp=cfg.amp)
     f_val = extract_features(encoder, val_x, mean, std, device, amp=cfg.amp)
+    if not (torch.isfinite(f_fit).all() and torch.isfinite(f_val).all()):
+        return float("nan")   # the encoder blew up (finite loss is possible: cosines of huge z)
     predict = fit_logreg(f_fit, fit_y.to(device), int(data["test_y"].max()) + 1, l2=1.0 / len(f_fit))
     return 100.0 * (predict(f_val) == val_y.to(device)).float().mean().item()
 
@@ -812,6 +855,10 @@ BLOG_STL10 = dict(dataset="stl10", stem="imagenet", width=64, batch_size=256, lr
 CIFAR10_GPU = dict(BLOG_STL10, dataset="cifar10", stem="cifar", queue_size=16384)
 CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, batch_size=64, lr=0.1,
                  weight_decay=1e-4, base_tau=0.99, queue_size=4096, queue_init="data")
+# The appendix scripts' presets: 320 epochs, as the blog's appendix runs. cpu: 6 epochs of 5k
+# images (78 steps each): what collapses early can show, recoveries at epoch 10-100 cannot.
+APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
+                    "cpu": dict(CPU_SMALL, train_subset=5000, epochs=6, eval_every=2)}
 # LARS as in the BYOL paper (section 3.3 and DeepMind's config): trust 1e-3, weight decay 1.5e-6
 # off biases and norms, tau 0.996 -> 1 on a per-step cosine
 LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine")
@@ -827,7 +874,7 @@ def get_parser(doc, presets, variants):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    p.add_argument("--seeds", type=str, default="1", help="N (seeds 0..N-1) or a list like 3,4 (default 1)")
+    p.add_argument("--seeds", type=str, default="1", help="N (seeds 0..N-1), or a list like 3,4 (one seed: 3,); default 1")
     p.add_argument("--variants", type=str, default="", help=f"comma list of: {', '.join(variants)} (default: all)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -843,7 +890,7 @@ def get_parser(doc, presets, variants):
 
 def parse_seeds(text):
     try:
-        seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+        seeds = [int(s) for s in text.split(",") if s] if "," in text else list(range(int(text)))
     except ValueError:
         raise UsageError(f"--seeds {text!r}: give a count like 3 or a list like 0,2") from None
     if not seeds or min(seeds) < 0:
@@ -929,8 +976,8 @@ def fmt(v):
 
 def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
     """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv.
-    (variant, seed) runs already complete in that CSV are skipped; rows of an interrupted run
-    are dropped and the run starts over. Ends with a summary table beside the blog's numbers."""
+    (variant, seed) runs already complete in that CSV are skipped; an interrupted run continues
+    from its checkpoint under <out>/checkpoints/. Ends with a summary table beside the blog's."""
     preset, configs = build_configs(args, presets, variants, extra_variants)
     variants = {**variants, **(extra_variants or {})}
     seeds = parse_seeds(args.seeds)
@@ -965,9 +1012,11 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 buffer.append({k: fmt(v) for k, v in full.items()})
                 if row["epoch"] == cfg.epochs:   # a run's rows land together: no half-run in the CSV
                     write_rows(path, header, buffer)
-            rows = train_byol(cfg, on_epoch=log, data=data)
+            ckpt = out / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}.pt"
+            rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt)
             if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
                 write_rows(path, header, buffer)
+            ckpt.unlink(missing_ok=True)
     print_summary(read_rows(path, header), list(configs), blog or {})
     return path
 
@@ -1000,6 +1049,7 @@ def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variant
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: completed runs are in the CSV; rerun the same command to resume",
+        print("\ninterrupted: rerun the same command to resume (finished runs are in the CSV, the "
+              "current one continues from its last epoch)",
               file=sys.stderr)
         sys.exit(130)

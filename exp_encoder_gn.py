@@ -24,11 +24,7 @@ scaled by batch size, in every preset.
 """
 import common
 
-PRESETS = {
-    "blog": dict(common.BLOG_STL10, epochs=320),
-    "cifar10": dict(common.CIFAR10_GPU, epochs=320),
-    "cpu": dict(common.CPU_SMALL, epochs=8, eval_every=2),
-}
+PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: 6 epochs of 5k images
 
 NO_MLP_BN = dict(encoder_norm="gn", proj_norm="none", pred_norm="none")
 VARIANTS = {

@@ -28,11 +28,7 @@ with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 3
 """
 import common
 
-PRESETS = {
-    "blog": dict(common.BLOG_STL10, epochs=320),
-    "cifar10": dict(common.CIFAR10_GPU, epochs=320),
-    "cpu": dict(common.CPU_SMALL, epochs=8, eval_every=2),
-}
+PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: 6 epochs of 5k images
 
 NO_MLP_BN = dict(proj_norm="none", pred_norm="none")
 GN_LARS = dict(NO_MLP_BN, **common.LARS_BYOL, encoder_norm="gn", lr=0.2)

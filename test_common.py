@@ -92,14 +92,11 @@ def test_views_are_separate_batchnorm_batches():
     z1_alone, _ = model.online(v1)
     z1_joint, _ = model.online(torch.cat([v1, v2]))
     assert not torch.allclose(z1_alone, z1_joint[:8], atol=1e-3)
-    loss = model(v1, v2)["loss"]
+    # ... and BYOL.forward uses the separate calls: its diagnostics equal those of z1_alone
     with torch.no_grad():
-        _, p1 = model.online(v1)
-        t2 = model.target(v2)
-        _, p2 = model.online(v2)
-        t1 = model.target(v1)
-    cos = nn.functional.cosine_similarity
-    assert torch.allclose(loss, (1 - cos(p1, t2)).mean() + (1 - cos(p2, t1)).mean(), atol=1e-5)
+        z2_alone, _ = model.online(v2)
+        expected = common.collapse_stats(z1_alone, z2_alone, model.target(v1), model.target(v2))
+    assert torch.allclose(model(v1, v2)["z_std"], expected["z_std"], atol=1e-6)
 
 
 def test_info_nce_and_queue():
@@ -427,10 +424,10 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
 
 def test_training_learns_on_synthetic_data():
     """BYOL with BN MLPs lowers its loss and its features beat the untrained ones."""
-    data = common.make_synthetic(512, 512)
-    rows = common.train_byol(dataclasses.replace(SMALL, width=8, epochs=4, eval_every=4), data=data)
+    data = common.make_synthetic(512, 1024)
+    rows = common.train_byol(dataclasses.replace(SMALL, width=8, epochs=5, eval_every=5, lr=0.4), data=data)
     assert rows[-1]["loss"] < rows[1]["loss"]
-    assert rows[-1]["probe_acc"] > rows[0]["probe_acc"] + 3
+    assert rows[-1]["probe_acc"] > rows[0]["probe_acc"] + 10   # measured: +22 (seed 0), +43 (seed 1)
 
 
 def test_bad_config_values_raise():
@@ -477,7 +474,7 @@ def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
     assert r.returncode == 0, r.stderr
     path = tmp_path / "table1_smoke.csv"
     lines = path.read_text().splitlines()
-    byol_rows = [l for l in lines if ",byol," in l]
+    byol_rows = [l for l in lines if l.startswith("table1,byol,")]
     # simulate a crash: byol's last epoch missing, and a torn half line at the end
     kept = [l for l in lines if l != byol_rows[-1]]
     path.write_text("\n".join(kept) + "\n" + byol_rows[-1][:12])
@@ -527,3 +524,48 @@ def test_plot_results_draws_every_csv(tmp_path):
     assert r.returncode == 0, r.stderr
     png = tmp_path / "lars_smoke.png"
     assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
+    script = str(ROOT / "exp_table1_norms.py")
+    for shard in ("a", "b"):
+        r = _run([script, "--smoke", "--variants", "random", "--seeds", "1" if shard == "a" else "1,2",
+                  "--out", str(tmp_path / shard)], tmp_path)
+        assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a" / "table1_smoke.csv", tmp_path / "b" / "table1_smoke.csv"
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(b), str(a), "--out", str(tmp_path / "all.csv")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "all.csv")))
+    assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
+    bad = tmp_path / "bad.csv"
+    lines = a.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[5] = "99.9"                                   # probe_acc of the same key, different
+    bad.write_text("\n".join([lines[0], ",".join(cells)]) + "\n")
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(bad), "--out", str(tmp_path / "x.csv")], tmp_path)
+    assert r.returncode == 2 and "disagrees" in r.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    import signal
+    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "contrastive",
+            "--epochs", "3"]
+    ref = _run(args[1:] + ["--out", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    p = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.strip().startswith("epoch   1"):
+            p.send_signal(signal.SIGKILL)          # a crash right after epoch 1 was checkpointed
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert list((tmp_path / "cut" / "checkpoints").glob("*.pt"))
+    r = _run(args[1:] + ["--out", str(tmp_path / "cut")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from the checkpoint after epoch" in r.stdout
+    assert not list((tmp_path / "cut" / "checkpoints").glob("*.pt"))   # cleaned up when done
+
+    def rows(d):
+        return [{k: v for k, v in row.items() if k != "wall_s"}
+                for row in csv.DictReader(open(tmp_path / d / "table1_smoke.csv"))]
+    assert rows("cut") == rows("ref") and len(rows("ref")) == 4
