@@ -323,8 +323,8 @@ def adjust_hue(img, shift):
     hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
     hue = torch.remainder(hue / 6.0 + shift[:, None, None], 1.0)
     # HSV -> RGB in closed form: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=img.device)[None, :, None, None]
-                        + 6 * hue[:, None], 6.0)
+    n = 5.0 - 2.0 * torch.arange(3, device=img.device, dtype=img.dtype)   # 5, 3, 1 for R, G, B
+    k = torch.remainder(n[None, :, None, None] + 6 * hue[:, None], 6.0)
     return maxc[:, None] * (1 - sat[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
 
 
@@ -381,9 +381,14 @@ def apply_aug(x_u8, params, mean, std):
 
 
 def normalize(img, mean, std):
-    m = torch.tensor(mean, device=img.device, dtype=img.dtype)[None, :, None, None]
-    s = torch.tensor(std, device=img.device, dtype=img.dtype)[None, :, None, None]
-    return (img - m) / s
+    """mean, std: (1, 3, 1, 1) tensors on img's device, made once by mean_std()."""
+    return (img - mean) / std
+
+
+def mean_std(dataset, device):
+    """Per-channel mean and std of a dataset as device tensors (made once: a host-to-device
+    copy inside the step would be a sync on CUDA)."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset])
 
 
 def augment(x_u8, gen, mean, std):
@@ -655,7 +660,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
     if cfg.epochs and cfg.batch_size > len(pretrain):
         raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
-    mean, std = MEAN_STD[cfg.dataset]
+    mean, std = mean_std(cfg.dataset, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     model = BYOL(cfg).to(device, memory_format=torch.channels_last)
     opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
@@ -757,17 +762,19 @@ def fill_queue_(model, images_u8, gen, batch_size, mean, std):
         model.enqueue_(F.normalize(keys.float(), dim=1))
 
 
+# weights whose effective LARS lr is logged (the blog plots layer1's conv and each MLP layer)
+LARS_LOGGED = {"online_encoder.conv1.weight": "encoder.conv1",
+               **{f"online_encoder.layer{i}.0.conv1.weight": f"encoder.layer{i}" for i in range(1, 5)},
+               **{f"{m}.{i}.weight": f"{m.replace('online_', '')}.{i}"
+                  for m in ("online_projector", "predictor") for i in (0, 3)}}
+LARS_LR_COLUMNS = [f"lars_lr:{k}" for k in LARS_LOGGED.values()]
+
+
 def lars_lrs(opt, lr):
-    """Effective LARS learning rate (lr * trust ratio) of the first weight of each module the
-    blog plots: encoder conv1 / layer1-4 first conv, and both layers of projector and predictor."""
-    out = {}
-    for g in opt.param_groups:
-        for name, p in zip(g["names"], g["params"]):
-            key = name.replace("online_", "").replace(".weight", "").replace(".0.conv1", "")
-            if "trust" in opt.state[p] and name.endswith("weight") and (
-                    name.endswith(("encoder.conv1.weight", ".0.conv1.weight")) or "proj" in name or "pred" in name):
-                out[f"lars_lr:{key}"] = lr * opt.state[p]["trust"].item()
-    return out
+    """Effective LARS lr (lr x trust ratio, at the last step) of the LARS_LOGGED weights."""
+    return {f"lars_lr:{LARS_LOGGED[name]}": lr * opt.state[p]["trust"].item()
+            for g in opt.param_groups for name, p in zip(g["names"], g["params"])
+            if name in LARS_LOGGED and "trust" in opt.state[p]}
 
 
 # ======================================================================== linear probe
@@ -812,7 +819,7 @@ def linear_probe(encoder, data, cfg, device):
     blog: fit on the first half of the test set, score on the second half (the blog's protocol,
     sklearn LogisticRegression with C=1; we use l2 = 1/n_fit, the same strength per sample, on
     standardized features). standard: fit on the train set, score on the test set."""
-    mean, std = MEAN_STD[cfg.dataset]
+    mean, std = mean_std(cfg.dataset, device)
     if cfg.probe == "blog":
         half = len(data["test_x"]) // 2
         fit_x, fit_y = data["test_x"][:half], data["test_y"][:half]

@@ -41,13 +41,11 @@ VARIANTS = {
     "gn_lars_lr0.5": dict(GN_LARS, lr=0.5),
     "gn_lars_lr0.1": dict(GN_LARS, lr=0.1),
 }
-LARS_LR_COLUMNS = [f"lars_lr:{m}" for m in ("encoder.conv1", "encoder.layer1", "encoder.layer2", "encoder.layer3",
-                                            "encoder.layer4", "projector.0", "projector.3", "predictor.0",
-                                            "predictor.3")]
+
 
 BLOG = {"bn_sgd_no_mlp_bn": "30.1 (ep 10) -> 72.1 (ep 319)", "bn_lars_no_mlp_bn": "47.6 -> 76.7",
         "bn_sgd_mlp_bn": "54.6 -> 81.4", "gn_lars_layer12": "neg cos ~0.40 at ep 20",
         "gn_lars_mlp": "re-collapses", "gn_lars_lr0.5": "recovers after ep 2", "gn_lars_lr0.1": "no recovery"}
 
 if __name__ == "__main__":
-    common.main("lars", __doc__, PRESETS, VARIANTS, BLOG, extra_columns=LARS_LR_COLUMNS)
+    common.main("lars", __doc__, PRESETS, VARIANTS, BLOG, extra_columns=common.LARS_LR_COLUMNS)

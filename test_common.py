@@ -229,8 +229,9 @@ def _params(n, seed=0, size=32):
 def test_augmentation_is_drawn_per_image_and_per_view():
     x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(64, 1, 1, 1)
     gen = torch.Generator().manual_seed(0)
-    v1 = common.augment(x, gen, (0.5,) * 3, (0.25,) * 3)
-    v2 = common.augment(x, gen, (0.5,) * 3, (0.25,) * 3)
+    mean, std = common.mean_std("synthetic", "cpu")
+    v1 = common.augment(x, gen, mean, std)
+    v2 = common.augment(x, gen, mean, std)
     assert v1.shape == (64, 3, 32, 32)
     flat = v1.flatten(1)
     distinct = torch.cdist(flat, flat) + torch.eye(64) * 1e9
@@ -351,7 +352,7 @@ def test_probe_does_not_touch_the_encoder():
 def test_recomputed_bn_stats_are_the_data_statistics():
     net = common.ResNet18(width=4, stem="cifar", norm="bn")
     imgs = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
-    m, s = (0.5,) * 3, (0.25,) * 3
+    m, s = common.mean_std("synthetic", "cpu")
     new = common.recompute_bn_stats(net, imgs, m, s, torch.device("cpu"), batch_size=20)
     x = common.normalize(imgs.float() / 255, m, s)
     first = nn.functional.conv2d(x, net.conv1.weight, padding=1)
@@ -569,3 +570,18 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
         return [{k: v for k, v in row.items() if k != "wall_s"}
                 for row in csv.DictReader(open(tmp_path / d / "table1_smoke.csv"))]
     assert rows("cut") == rows("ref") and len(rows("ref")) == 4
+
+
+def test_lars_lr_logging_covers_only_adapted_weights():
+    torch.manual_seed(0)
+    model = common.BYOL(SMALL)
+    for which, expected in (("layer12", {"encoder.layer1", "encoder.layer2"}),
+                            ("mlp", {"projector.0", "projector.3", "predictor.0", "predictor.3"})):
+        opt = common.LARS(common.param_groups(model, dataclasses.replace(SMALL, optimizer="lars", lars_params=which)),
+                          lr=0.5, eta=1e-3)
+        model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))["loss"].backward()
+        opt.step()
+        logged = common.lars_lrs(opt, 0.5)
+        assert set(logged) == {f"lars_lr:{k}" for k in expected}
+        assert all(v > 0 for v in logged.values())
+        model.zero_grad()
