@@ -40,11 +40,13 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     args = p.parse_args()
     device = common.get_device(args.device)
     preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")
     cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
-                        device=str(device), compile=args.compile)
+                        device=str(device), compile=args.compile, precision=args.precision)
     size = 96 if cfg.stem == "imagenet" else 32
     n, B = 4 * cfg.batch_size, cfg.batch_size
     x_all = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
@@ -52,7 +54,7 @@ def main():
     gen = torch.Generator(device).manual_seed(0)
     model = common.BYOL(cfg).to(device, memory_format=torch.channels_last)
     opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
-    amp = cfg.amp and device.type == "cuda"
+    amp = common.use_bf16(cfg, device)
     net = torch.compile(model) if cfg.compile else model
     print(f"preset {preset}: width {cfg.width}, {size} px, batch {B}, device {device}, "
           f"threads {torch.get_num_threads()}, bf16 {amp}, compile {cfg.compile}")

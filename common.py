@@ -71,7 +71,8 @@ class Config:
     probe_bn: str = "running"        # running: BN in eval mode as trained | recompute: BN stats
                                      # re-estimated on the probe's fit images first
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
-    amp: bool = True                 # bf16 autocast on CUDA (fp32 on the CPU: measured slower)
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
+                                     # (bf16 on this 2-core CPU: 1.9x the fp32 bound, README Speed)
     compile: bool = False            # torch.compile the online and target networks
 
 
@@ -80,7 +81,8 @@ CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagen
                pred_norm=("none", "bn", "ln", "gn"), objective=("byol", "contrastive"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
-               probe_bn=("running", "recompute"), queue_init=("random", "data"))
+               probe_bn=("running", "recompute"), queue_init=("random", "data"),
+               precision=("auto", "bf16", "fp32"))
 
 
 class UsageError(Exception):
@@ -123,6 +125,11 @@ def get_device(name="auto"):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def use_bf16(cfg, device):
+    """bf16 autocast for the networks (losses, cosines and the probe's fit stay fp32)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 def set_seed(seed):
@@ -513,14 +520,15 @@ class BYOL(nn.Module):
         z1, p1 = self.online(v1)
         z2, p2 = self.online(v2)
         t1, t2 = self.target(v1), self.target(v2)
-        p1, p2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (p1, p2, t1, t2))
-        if self.objective == "byol":
-            # blog: mean(1 - cos(q, z')) per view order, summed over both orders
-            # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
-            loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
-        else:
-            loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
-        return dict(loss=loss, new_keys=t2, **collapse_stats(z1, z2, t1, t2))
+        with torch.autocast(v1.device.type, enabled=False):   # no bf16 matmuls from here on
+            p1, p2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (p1, p2, t1, t2))
+            if self.objective == "byol":
+                # blog: mean(1 - cos(q, z')) per view order, summed over both orders
+                # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
+                loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+            else:
+                loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
+            return dict(loss=loss, new_keys=t2, **collapse_stats(z1, z2, t1, t2))
 
     def info_nce(self, q, k):
         """Cross-entropy of the positive q.k against q.queue (negatives), temperature T."""
@@ -664,7 +672,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     gen = torch.Generator(device).manual_seed(cfg.seed)
     model = BYOL(cfg).to(device, memory_format=torch.channels_last)
     opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
-    amp = cfg.amp and device.type == "cuda"
+    amp = use_bf16(cfg, device)
     step_fn = torch.compile(model) if cfg.compile else model
 
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
@@ -781,14 +789,14 @@ def lars_lrs(opt, lr):
 
 
 @torch.no_grad()
-def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=True):
+def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=False):
     """Frozen-encoder features of uint8 images, eval mode; the encoder's mode is restored."""
     was_training = encoder.training
     encoder.eval()
     feats = []
     for i in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[i:i + batch_size].to(device).float() / 255, mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
     encoder.train(was_training)
     return torch.cat(feats)
@@ -828,8 +836,8 @@ def linear_probe(encoder, data, cfg, device):
         fit_x, fit_y, val_x, val_y = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
     if cfg.probe_bn == "recompute":
         encoder = recompute_bn_stats(encoder, fit_x, mean, std, device)
-    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=cfg.amp)
-    f_val = extract_features(encoder, val_x, mean, std, device, amp=cfg.amp)
+    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=use_bf16(cfg, device))
+    f_val = extract_features(encoder, val_x, mean, std, device, amp=use_bf16(cfg, device))
     if not (torch.isfinite(f_fit).all() and torch.isfinite(f_val).all()):
         return float("nan")   # the encoder blew up (finite loss is possible: cosines of huge z)
     predict = fit_logreg(f_fit, fit_y.to(device), int(data["test_y"].max()) + 1, l2=1.0 / len(f_fit))

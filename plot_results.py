@@ -37,12 +37,17 @@ def plot(csv_path):
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
     ax = axes[0]
-    start = [float(r["probe_acc"]) for r in rows if r["epoch"] == "0" and r["probe_acc"]]
+    acc_curves = curves(rows, "probe_acc")
+    # the untrained encoder: epoch 0 of the trained variants; epoch-0-only variants (random
+    # baselines) get their own line
+    start = [acc[0] for e, acc in acc_curves.values() if len(e) > 1 and e[0] == 0]
     if start:
         ax.axhline(sum(start) / len(start), color="k", ls="--", lw=1, label="untrained encoder")
-    for v, (e, acc) in curves(rows, "probe_acc").items():
+    for v, (e, acc) in acc_curves.items():
         if len(e) > 1:
             ax.plot(e, acc, "o-", ms=3, color=colors[v], label=v)
+        elif v not in ("random",):
+            ax.axhline(acc[0], color=colors[v], ls=":", lw=1, label=f"{v} (untrained)")
     ax.set(xlabel="epoch", ylabel="linear probe accuracy (%)", title="Linear evaluation accuracy")
     ax.legend(fontsize=7)
     ax = axes[1]

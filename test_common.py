@@ -585,3 +585,16 @@ def test_lars_lr_logging_covers_only_adapted_weights():
         assert set(logged) == {f"lars_lr:{k}" for k in expected}
         assert all(v > 0 for v in logged.values())
         model.zero_grad()
+
+
+def test_bf16_autocast_keeps_loss_and_cosines_in_fp32():
+    model = common.BYOL(SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+        z, _ = model.online(torch.randn(8, 3, 32, 32))
+    assert z.dtype == torch.bfloat16                      # the networks do run in bf16
+    assert all(out[k].dtype == torch.float32 for k in ("loss", "pos_cos", "neg_cos", "z_std"))
+    cpu = torch.device("cpu")
+    assert not common.use_bf16(SMALL, cpu) and common.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
+    with pytest.raises(common.UsageError):
+        common.check_config(dataclasses.replace(SMALL, precision="fp16"))
