@@ -336,23 +336,26 @@ def adjust_hue(img, shift):
 
 
 def color_jitter(img, factors, order, apply):
-    """ColorJitter(brightness, contrast, saturation, hue) in a random order per image; images
-    with apply=False are left untouched. Each of the 4 slots runs every op, masked to the images
-    whose permutation puts that op there: no host sync, the same result as a per-image loop."""
-    for slot in range(4):
-        for op in range(4):
-            m = (apply & (order[:, slot] == op))[:, None, None, None]
-            f = factors[:, op, None, None, None]
-            if op == 0:
-                new = _blend(img, torch.zeros_like(img), f)
-            elif op == 1:
-                new = _blend(img, grayscale(img).mean((1, 2, 3), keepdim=True), f)
-            elif op == 2:
-                new = _blend(img, grayscale(img), f)
-            else:
-                new = adjust_hue(img, factors[:, 3])
-            img = torch.where(m, new, img)
-    return img
+    """ColorJitter(brightness, contrast, saturation, hue) in a random order per image (order[i]
+    is a permutation of 0..3); images with apply=False are left untouched. Without a per-image
+    loop and without host syncs: brightness, contrast and saturation are all blends
+    f * img + (1 - f) * other (other = 0, the mean grey, the grey image), so each slot is one
+    masked blend; hue, the costly op, runs once, between the blends before and after its slot."""
+    col = (-1, 1, 1, 1)
+    hue_slot = (order == 3).int().argmax(1)
+
+    def blends(img, slots, before):
+        for slot in slots:
+            op = order[:, slot]
+            take = apply & (op != 3) & ((slot < hue_slot) if before else (slot > hue_slot))
+            gray = grayscale(img)
+            other = torch.where((op == 0).view(col), torch.zeros_like(gray),
+                                torch.where((op == 1).view(col), gray.mean((1, 2, 3), keepdim=True), gray))
+            img = torch.where(take.view(col), _blend(img, other, factors.gather(1, op[:, None]).view(col)), img)
+        return img
+    img = blends(img, range(3), before=True)
+    img = torch.where(apply.view(col), adjust_hue(img, factors[:, 3]), img)
+    return blends(img, range(1, 4), before=False)
 
 
 def gaussian_blur(img, sigma, apply, kernel_size):
