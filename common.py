@@ -6,7 +6,7 @@ BYOL" (Untitled-AI blog post, 2020) and its appendix. One file, in dependency or
 
 Names follow the BYOL paper (Grill et al. 2020): online network (encoder f, projector g,
 predictor q), target network (EMA of f and g with rate tau), views v and v', online
-projection z, target projection z'. Settings are cited from ../shared/docs/SPEC.md.
+projection z, target projection z'. Settings are cited from docs/SPEC.md.
 """
 import argparse
 import copy
@@ -72,7 +72,7 @@ class Config:
                                      # re-estimated on the probe's fit images first
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
-                                     # (bf16 on this 2-core CPU: 1.9x the fp32 bound, README Speed)
+                                     # (bf16 on this 2-core CPU: 1.57x the fp32 step, README Speed)
     compile: bool = False            # torch.compile the online and target networks
 
 
