@@ -59,11 +59,7 @@ def main():
     print(f"preset {preset}: width {cfg.width}, {size} px, batch {B}, device {device}, "
           f"threads {torch.get_num_threads()}, bf16 {amp}, compile {cfg.compile}")
 
-    def views(x):
-        return (common.augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last),
-                common.augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last))
-
-    fixed = views(x_all[:B])
+    fixed = common.two_views(x_all[:B], gen, mean, std)
 
     def bound():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -72,20 +68,13 @@ def main():
 
     def step():   # the loop body of common.train_byol
         x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
-        v1, v2 = views(x)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(v1, v2)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        common.ema_update_(model.target_encoder, model.online_encoder, cfg.base_tau)
-        common.ema_update_(model.target_projector, model.online_projector, cfg.base_tau)
+        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std), cfg.base_tau, amp)
 
     # bound timed before and after the step, best of the two: a conservative ratio
     t_bound = timed(bound, args.steps, device)
     t_step = timed(step, args.steps, device)
     t_bound = min(t_bound, timed(bound, args.steps, device))
-    t_aug = timed(lambda: views(x_all[:B]), args.steps, device)
+    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std), args.steps, device)
 
     feats = torch.randn(50000, 512, device=device)
     labels = torch.randint(0, 10, (50000,), device=device)

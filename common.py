@@ -702,20 +702,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
             perm = torch.randperm(len(pretrain), generator=gen, device=device)
             for i in range(steps_per_epoch):
                 x = pretrain[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                v1 = augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last)
-                v2 = augment(x, gen, mean, std).contiguous(memory_format=torch.channels_last)
                 lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = step_fn(v1, v2)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                opt.step()
-                ema_update_(model.target_encoder, model.online_encoder, tau)
-                ema_update_(model.target_projector, model.online_projector, tau)
-                if cfg.objective == "contrastive":
-                    model.enqueue_(out["new_keys"])
+                out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std), tau, amp)
                 sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
                 step += 1
         means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
@@ -735,6 +725,26 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
             print(f"  stopping: loss is {row['loss']} at epoch {epoch} (diverged)", file=sys.stderr)
             break
     return rows
+
+
+def two_views(x_u8, gen, mean, std):
+    """Two independent random views of a uint8 batch, channels_last for the convolutions."""
+    return tuple(augment(x_u8, gen, mean, std).contiguous(memory_format=torch.channels_last) for _ in range(2))
+
+
+def train_step(model, step_fn, opt, v1, v2, tau, amp):
+    """One BYOL step: forward both views (step_fn = model, or its compiled version), backward,
+    optimizer step, then the target EMA with rate tau and, for the contrastive loss, the queue."""
+    with torch.autocast(v1.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = step_fn(v1, v2)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    opt.step()
+    ema_update_(model.target_encoder, model.online_encoder, tau)
+    ema_update_(model.target_projector, model.online_projector, tau)
+    if model.objective == "contrastive":
+        model.enqueue_(out["new_keys"])
+    return out
 
 
 def save_checkpoint(path, cfg, model, opt, gen, rows, step):
