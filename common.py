@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 # ============================================================================ config
 
@@ -40,8 +42,10 @@ class Config:
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
     encoder_norm: str = "bn"         # bn | gn | gn_ws (GroupNorm + weight standardization) | none
     # projector g and predictor q: Linear -> norm -> ReLU -> Linear
-    proj_norm: str = "bn"            # none | bn | ln | gn
-    pred_norm: str = "bn"
+    proj_norm: str = "bn"            # none | bn | ln | gn | gn_ws | bn_noaffine | bn_center | bn_scale
+    pred_norm: str = "bn"            # (the last four: see BatchNormParts, exp_bn_anatomy.py)
+    mlp_bn_group: int = 0            # BN-type MLP norms: statistics over groups of k samples of
+                                     # the batch (ghost BN); 0 = the whole batch
     mlp_hidden_dim: int = 512
     proj_dim: int = 128
     # loss
@@ -58,7 +62,7 @@ class Config:
     weight_decay: float = 1e-4       # SGD: on every parameter (blog). LARS: not on biases/norms
     lars_eta: float = 1e-3           # LARS trust coefficient
     warmup_epochs: float = 0.0
-    schedule_epochs: int = 0         # cosine lr period in epochs; 0 = epochs. Blog: 320 (runs 10)
+    schedule_epochs: int = 0         # period of the lr and tau cosines; 0 = epochs. Blog: 320 (runs 10)
     base_tau: float = 0.996          # target EMA rate
     tau_schedule: str = "constant"   # constant (blog) | cosine (BYOL paper, per step, to 1)
     # run
@@ -74,11 +78,14 @@ class Config:
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
                                      # (bf16 on this 2-core CPU: 1.57x the fp32 step, README Speed)
     compile: bool = False            # torch.compile the online and target networks
+    sync_bn: bool = False            # under torchrun: BN statistics over the global batch (all
+                                     # ranks); off: each rank's BN sees batch_size / world samples
 
 
+MLP_NORMS = ("none", "bn", "ln", "gn", "gn_ws", "bn_noaffine", "bn_center", "bn_scale")
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
-               encoder_norm=("bn", "gn", "gn_ws", "none"), proj_norm=("none", "bn", "ln", "gn"),
-               pred_norm=("none", "bn", "ln", "gn"), objective=("byol", "contrastive"),
+               encoder_norm=("bn", "gn", "gn_ws", "none"), proj_norm=MLP_NORMS,
+               pred_norm=MLP_NORMS, objective=("byol", "contrastive"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
                probe_bn=("running", "recompute"), queue_init=("random", "data"),
@@ -103,6 +110,9 @@ def check_config(cfg):
         raise UsageError(f"base_tau must be in [0, 1], got {cfg.base_tau}")
     if cfg.lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
         raise UsageError("lr, weight_decay and warmup_epochs must be >= 0")
+    if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
+        raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
+                         f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
     if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
         raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
     return cfg
@@ -137,6 +147,103 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ================================================================ several processes (torchrun)
+# Under `torchrun --nproc_per_node=N`, every rank runs the same script: the same seed, data
+# order and augmentation parameters for the global batch, of which rank r trains on the r-th
+# slice; DDP averages the gradients; the target EMA and the queue stay identical on every rank;
+# only rank 0 evaluates, prints and writes. Without torchrun all of this is a no-op.
+
+
+def world():
+    """(rank, world_size); (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(device_name="auto"):
+    """Joins torchrun's process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(sum) with a gradient: the gradient of a sum over ranks is the sum over ranks
+    of the gradients (each rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are over the batches of all ranks, for devices that
+    torch's nn.SyncBatchNorm does not support (it is GPU-only; this runs the CPU test). Two-pass
+    (mean, then the mean squared deviation from it), so a collapsed batch with a large mean and
+    a tiny variance is still exact; the all_reduce is autograd-aware, so gradients flow through
+    the global statistics as in BN. Same parameters and buffers as nn.BatchNorm*d."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n = xf.numel() // xf.shape[1] * dist.get_world_size()   # ranks have equal batches
+        mean = _SumOverRanks.apply(xf.sum(dims)) / n
+        xc = xf - mean.view(shape)
+        var = _SumOverRanks.apply(xc.pow(2).sum(dims)) / n
+        with torch.no_grad():   # running stats as nn.BatchNorm: unbiased variance
+            self.num_batches_tracked += 1
+            rate = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(mean, rate)
+            self.running_var.lerp_(var * n / max(n - 1, 1), rate)
+        out = xc * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def convert_sync_bn(module, device):
+    """Every nn.BatchNorm*d of module to global-batch BN: nn.SyncBatchNorm on CUDA (fused
+    kernels), GlobalBatchNorm elsewhere. BatchNormParts (exp_bn_anatomy.py) stays per rank."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            new.weight, new.bias = child.weight, child.bias   # the same tensors (a frozen target stays frozen)
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, new)
+        else:
+            convert_sync_bn(child, device)
+    return module
+
+
+def all_gather_cat(t):
+    """Concatenation over ranks in rank order (= the global batch's order); t alone if one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 # ================================================================================ data
@@ -238,8 +345,16 @@ def load_dataset(name, data_dir="", download=False):
                                                              "test_y", "unlabeled_X")])}[name]
     roots = data_roots(data_dir)
     for root in roots:
-        if all((root / sub / f).is_file() for f in files):
-            return (load_cifar10 if name == "cifar10" else load_stl10)(root / sub)
+        folder = root / sub
+        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+            raise UsageError(f"{folder} exists but cannot be read (permission denied); fix its "
+                             f"permissions (chmod -R u+rX {folder}) or pass another --data-dir")
+        if all((folder / f).is_file() for f in files):
+            unreadable = [f for f in files if not os.access(folder / f, os.R_OK)]
+            if unreadable:
+                raise UsageError(f"{folder}: {', '.join(unreadable)} cannot be read (permission denied); "
+                                 f"fix the permissions (chmod u+r) or pass another --data-dir")
+            return (load_cifar10 if name == "cifar10" else load_stl10)(folder)
     if download:
         import torchvision  # only for the download itself
         root = roots[0]
@@ -401,10 +516,12 @@ def mean_std(dataset, device):
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset])
 
 
-def augment(x_u8, gen, mean, std):
-    """One random view of every image of a uint8 batch, on x's device."""
+def augment(x_u8, gen, mean, std, part=slice(None)):
+    """One random view of every image of a uint8 batch, on x's device. part: the slice of the
+    batch to make views of (a rank's share); the parameters are drawn for the whole batch, so
+    a view does not depend on how the batch is split over ranks."""
     params = sample_aug_params(len(x_u8), x_u8.shape[-1], gen, x_u8.device)
-    return apply_aug(x_u8, params, mean, std)
+    return apply_aug(x_u8[part], {k: v[part] for k, v in params.items()}, mean, std)
 
 
 # ============================================================================== models
@@ -475,17 +592,73 @@ class ResNet18(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-NORMS = {"none": lambda d: nn.Identity(), "bn": nn.BatchNorm1d, "ln": nn.LayerNorm,
-         "gn": lambda d: nn.GroupNorm(min(32, d), d)}
+class WSLinear(nn.Linear):
+    """Linear with weight standardization: each output unit's weights to zero mean, unit std."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(1, keepdim=True)) / (w.std(1, keepdim=True) + 1e-5)
+        return F.linear(x, w, self.bias)
 
 
-def build_mlp(in_dim, hidden_dim, out_dim, norm="bn"):
+class BatchNormParts(nn.Module):
+    """BatchNorm of (n, d) features taken apart, for exp_bn_anatomy.py. Statistics over groups
+    of `group` consecutive samples of the batch (ghost BN; 0 = the whole batch; batches are
+    shuffled, so a group is a random subset), and each step optional: center (subtract the
+    group mean), scale (divide by the group std, the std of the uncentered x when center is
+    off) and affine (gamma, beta). Gradients flow through the statistics, as in BN. It always
+    uses the current batch's statistics, in train and eval mode alike: the projector and
+    predictor only ever run in training here, so it keeps no running statistics. With every
+    part on and group 0 (or = n) it computes what nn.BatchNorm1d computes in training."""
+
+    def __init__(self, dim, group=0, center=True, scale=True, affine=True, eps=1e-5):
+        super().__init__()
+        self.group, self.center, self.scale, self.eps = group, center, scale, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x):
+        n, d = x.shape
+        k = self.group or n
+        if n % k:
+            raise ValueError(f"BatchNormParts: batch of {n} is not a multiple of group {k}")
+        g = x.float().view(n // k, k, d)   # fp32 statistics under autocast, as nn.BatchNorm
+        var = g.var(1, unbiased=False, keepdim=True)
+        if self.center:
+            g = g - g.mean(1, keepdim=True)
+        if self.scale:
+            g = g * torch.rsqrt(var + self.eps)
+        out = g.view(n, d)
+        if self.weight is not None:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def mlp_norm(kind, dim, bn_group=0):
+    """The norm after the MLP's first Linear. Plain "bn" over the whole batch is nn.BatchNorm1d
+    (so --sync-bn can convert it); ghost groups and BN's parts are BatchNormParts."""
+    if kind == "bn" and not bn_group:
+        return nn.BatchNorm1d(dim)
+    parts = {"bn": {}, "bn_noaffine": dict(affine=False),
+             "bn_center": dict(scale=False, affine=False), "bn_scale": dict(center=False, affine=False)}
+    if kind in parts:
+        return BatchNormParts(dim, bn_group, **parts[kind])
+    if kind in ("gn", "gn_ws"):
+        return nn.GroupNorm(min(32, dim), dim)
+    if kind == "ln":
+        return nn.LayerNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
+
+
+def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0):
     """Projector / predictor: Linear -> norm -> ReLU -> Linear; norm after the first Linear
-    only, as in the blog's Figure 'byol_arch' (and the BYOL paper)."""
-    if norm not in NORMS:
-        raise UsageError(f"unknown MLP norm {norm!r}; choose from {', '.join(NORMS)}")
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), NORMS[norm](hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    only, as in the blog's Figure 'byol_arch' (and the BYOL paper). gn_ws: the Linear before
+    the GroupNorm is weight-standardized, as each conv before a norm is in a gn_ws encoder."""
+    first = WSLinear if norm == "gn_ws" else nn.Linear
+    return nn.Sequential(first(in_dim, hidden_dim), mlp_norm(norm, hidden_dim, bn_group),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 class BYOL(nn.Module):
@@ -499,8 +672,8 @@ class BYOL(nn.Module):
         super().__init__()
         self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm)
         y_dim = self.online_encoder.out_dim
-        self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.proj_norm)
-        self.predictor = build_mlp(cfg.proj_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.pred_norm)
+        self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.proj_norm, cfg.mlp_bn_group)
+        self.predictor = build_mlp(cfg.proj_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.pred_norm, cfg.mlp_bn_group)
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
         self.objective, self.temperature = cfg.objective, cfg.temperature
@@ -666,20 +839,31 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     again), giving the same numbers as an uninterrupted run."""
     check_config(cfg)
     set_seed(cfg.seed)
+    rank, n_ranks = world()
     device = get_device(cfg.device)
+    if device.type == "cuda" and n_ranks > 1:
+        device = torch.device("cuda", torch.cuda.current_device())   # set per rank by init_distributed
+    check_ranks(cfg, n_ranks)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
     if cfg.epochs and cfg.batch_size > len(pretrain):
         raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
     mean, std = mean_std(cfg.dataset, device)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)   # the same on every rank
     model = BYOL(cfg).to(device, memory_format=torch.channels_last)
+    if cfg.sync_bn and n_ranks > 1:
+        model = convert_sync_bn(model, device)
     opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     amp = use_bf16(cfg, device)
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = model
+    if n_ranks > 1:   # the buffers (BN running stats, queue) are kept in step without broadcasts
+        step_fn = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          forward_sync_buffers=False)
+    part = slice(rank * cfg.batch_size // n_ranks, (rank + 1) * cfg.batch_size // n_ranks)
+    step_fn = torch.compile(step_fn) if cfg.compile else step_fn
 
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch   # tau's cosine period, as lr's
     rows, start, step = [], time.time(), 0
     saved = load_checkpoint(checkpoint, cfg)
     if saved:
@@ -705,19 +889,22 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
                 lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std), tau, amp)
+                out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part), tau, amp)
                 sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
                 step += 1
+        if n_ranks > 1:   # the epoch's means over the global batch
+            dist.all_reduce(sums)
+            sums /= n_ranks
         means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
         diverged = means[0] is not None and not math.isfinite(means[0])
         evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged else None
+        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and rank == 0 else None
         row = dict(epoch=epoch, loss=means[0], probe_acc=acc, pos_cos=means[1], neg_cos=means[2],
                    z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2))
         if cfg.optimizer == "lars":
             row.update(lars_lrs(opt, lr))
         rows.append(row)
-        if checkpoint and epoch < cfg.epochs:
+        if checkpoint and epoch < cfg.epochs and rank == 0:
             save_checkpoint(checkpoint, cfg, model, opt, gen, rows, step)
         if on_epoch:
             on_epoch(row)
@@ -727,9 +914,24 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     return rows
 
 
-def two_views(x_u8, gen, mean, std):
-    """Two independent random views of a uint8 batch, channels_last for the convolutions."""
-    return tuple(augment(x_u8, gen, mean, std).contiguous(memory_format=torch.channels_last) for _ in range(2))
+def check_ranks(cfg, n_ranks):
+    """What a run split over n_ranks processes needs: equal shares of the batch (and of ghost
+    BN groups), and no BN pass on rank 0 alone while BN is synced across ranks."""
+    if n_ranks == 1:
+        return
+    if cfg.batch_size % n_ranks:
+        raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the {n_ranks} processes")
+    if cfg.mlp_bn_group and (cfg.batch_size // n_ranks) % cfg.mlp_bn_group:
+        raise UsageError(f"mlp_bn_group {cfg.mlp_bn_group} must divide the per-process batch {cfg.batch_size // n_ranks}")
+    if cfg.sync_bn and cfg.probe_bn == "recompute":
+        raise UsageError("probe_bn=recompute cannot run with --sync-bn over several processes")
+
+
+def two_views(x_u8, gen, mean, std, part=slice(None)):
+    """Two independent random views of a uint8 batch (of its part), channels_last for the
+    convolutions."""
+    return tuple(augment(x_u8, gen, mean, std, part).contiguous(memory_format=torch.channels_last)
+                 for _ in range(2))
 
 
 def train_step(model, step_fn, opt, v1, v2, tau, amp):
@@ -743,7 +945,7 @@ def train_step(model, step_fn, opt, v1, v2, tau, amp):
     ema_update_(model.target_encoder, model.online_encoder, tau)
     ema_update_(model.target_projector, model.online_projector, tau)
     if model.objective == "contrastive":
-        model.enqueue_(out["new_keys"])
+        model.enqueue_(all_gather_cat(out["new_keys"]))   # every rank's keys, as one process would
     return out
 
 
@@ -883,10 +1085,11 @@ BLOG_STL10 = dict(dataset="stl10", stem="imagenet", width=64, batch_size=256, lr
 CIFAR10_GPU = dict(BLOG_STL10, dataset="cifar10", stem="cifar", queue_size=16384)
 CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, batch_size=64, lr=0.1,
                  weight_decay=1e-4, base_tau=0.99, queue_size=4096, queue_init="data")
-# The appendix scripts' presets: 320 epochs, as the blog's appendix runs. cpu: 6 epochs of 5k
-# images (78 steps each): what collapses early can show, recoveries at epoch 10-100 cannot.
+# The appendix scripts' presets: 320 epochs, as the blog's appendix runs. cpu: the first 8 epochs
+# of that 320-epoch schedule (lr and tau as at the start of a long run) on 5k images (78 steps
+# each): what collapses early can show, recoveries at epoch 10-100 cannot.
 APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
-                    "cpu": dict(CPU_SMALL, train_subset=5000, epochs=6, eval_every=2)}
+                    "cpu": dict(CPU_SMALL, train_subset=5000, epochs=8, eval_every=2, schedule_epochs=320)}
 # LARS as in the BYOL paper (section 3.3 and DeepMind's config): trust 1e-3, weight decay 1.5e-6
 # off biases and norms, tau 0.996 -> 1 on a per-step cosine
 LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine")
@@ -913,6 +1116,8 @@ def get_parser(doc, presets, variants):
     p.add_argument("--out", default="results", help="folder for the CSV (default results/)")
     p.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
     return p
 
 
@@ -953,7 +1158,8 @@ def build_configs(args, presets, variants, extra_variants=None):
     unknown = [v for v in names if v not in variants]
     if unknown:
         raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
-    base = dict(presets[preset], device=args.device, data_dir=args.data_dir, compile=args.compile)
+    base = dict(presets[preset], device=args.device, data_dir=args.data_dir, compile=args.compile,
+                sync_bn=args.sync_bn)
     if args.smoke:
         base.update(SMOKE)
     cli = parse_overrides(args.set)
@@ -1014,16 +1220,29 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{exp}_{preset}.csv"
-    old = read_rows(path, header)
-    # a run is done when its last epoch, or a diverged (non-finite) loss, is in the CSV
-    done = {(r["variant"], int(r["seed"])) for r in old if r["variant"] in configs and (
-            int(r["epoch"]) == configs[r["variant"]].epochs or r["loss"] in ("nan", "inf", "-inf"))}
-    kept = [r for r in old if (r["variant"], int(r["seed"])) in done or r["variant"] not in configs]
-    if len(kept) != len(old) or not path.exists():
-        write_rows(path, header, kept, mode="w")
+    rank, n_ranks = world()
+    done = set()
+    if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
+        old = read_rows(path, header)
+        # a run is done when its last epoch, or a diverged (non-finite) loss, is in the CSV
+        done = {(r["variant"], int(r["seed"])) for r in old if r["variant"] in configs and (
+                int(r["epoch"]) == configs[r["variant"]].epochs or r["loss"] in ("nan", "inf", "-inf"))}
+        kept = [r for r in old if (r["variant"], int(r["seed"])) in done or r["variant"] not in configs]
+        if len(kept) != len(old) or not path.exists():
+            write_rows(path, header, kept, mode="w")
+    if n_ranks > 1:
+        shared = [done]
+        dist.broadcast_object_list(shared)
+        done = shared[0]
+        print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
+              + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
     print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}"
           + (f" ({len(done)} runs already done)" if done else ""))
+    if n_ranks > 1 and args.download and rank > 0:
+        dist.barrier()   # rank 0 downloads first
     data = load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+    if n_ranks > 1 and args.download and rank == 0:
+        dist.barrier()
     for seed in seeds:
         for name, cfg in configs.items():
             if (name, seed) in done:
@@ -1038,14 +1257,16 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                       f"  z_std {fmt(row['z_std']) or '-':>9}  {row['wall_s']:.0f}s", flush=True)
                 full = dict(exp=exp, variant=name, seed=seed, **row, **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
                 buffer.append({k: fmt(v) for k, v in full.items()})
-                if row["epoch"] == cfg.epochs:   # a run's rows land together: no half-run in the CSV
+                if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
                     write_rows(path, header, buffer)
             ckpt = out / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}.pt"
             rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt)
-            if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
-                write_rows(path, header, buffer)
-            ckpt.unlink(missing_ok=True)
-    print_summary(read_rows(path, header), list(configs), blog or {})
+            if rank == 0:
+                if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
+                    write_rows(path, header, buffer)
+                ckpt.unlink(missing_ok=True)
+    if rank == 0:
+        print_summary(read_rows(path, header), list(configs), blog or {})
     return path
 
 
@@ -1072,12 +1293,19 @@ def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variant
     """Entry point of every exp_*.py: bad input ends with one line and exit code 2."""
     args = get_parser(doc, presets, variants).parse_args(argv)
     try:
+        rank, _ = init_distributed(args.device)   # a no-op without torchrun
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")
         return run_grid(exp, args, presets, variants, blog, extra_columns, extra_variants)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if world()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume (finished runs are in the CSV, the "
               "current one continues from its last epoch)",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

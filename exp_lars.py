@@ -28,7 +28,7 @@ with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 3
 """
 import common
 
-PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: 6 epochs of 5k images
+PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 
 NO_MLP_BN = dict(proj_norm="none", pred_norm="none")
 GN_LARS = dict(NO_MLP_BN, **common.LARS_BYOL, encoder_norm="gn", lr=0.2)

@@ -19,7 +19,7 @@ tau 0.996 constant; lr 0.2 in every preset (absolute, not scaled by batch size).
 """
 import common
 
-PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: 6 epochs of 5k images
+PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 
 NO_BN = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2)
 VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-4, 1e-3)}

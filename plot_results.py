@@ -2,6 +2,8 @@
 (a) probe accuracy per epoch (the untrained encoder's level dashed), (b) positive (dashed) and
 negative (solid) cosine of z and z' per epoch, (c) training loss on a log scale, and (d) for
 runs with LARS, the effective LARS lr of encoder layer1 and the projector's first layer.
+For exp_bn_anatomy.py also <csv>_k_parts.png: final accuracy and negative cosine against the
+ghost BN group size k, and a bar chart of BN's parts.
 
     python plot_results.py results/table1_cpu.csv [more.csv ...]
     python plot_results.py            # every results/*.csv
@@ -72,6 +74,69 @@ def plot(csv_path):
     fig.suptitle(Path(csv_path).name)
     fig.tight_layout()
     out = Path(csv_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    if rows[0]["exp"] == "bn_anatomy":
+        plot_anatomy(csv_path, rows)
+    return out
+
+
+def final_values(rows, column):
+    """{variant: [value at the last epoch of each seed]}."""
+    last = {}
+    for r in rows:
+        key = (r["variant"], r["seed"])
+        if key not in last or int(r["epoch"]) > int(last[key]["epoch"]):
+            last[key] = r
+    out = defaultdict(list)
+    for (v, _), r in last.items():
+        if r.get(column) not in (None, ""):
+            out[v].append(float(r[column]))
+    return out
+
+
+def plot_anatomy(csv_path, rows):
+    """exp_bn_anatomy.py's summary: final probe accuracy and negative cosine against the ghost
+    BN group size k (every seed a dot, the mean a line), and a bar chart of BN's parts."""
+    acc, neg = final_values(rows, "probe_acc"), final_values(rows, "neg_cos")
+    untrained = [float(r["probe_acc"]) for r in rows if r["epoch"] == "0" and r["probe_acc"]
+                 and r["variant"] != "gn_ws" and r["variant"] != "gn_ws_ln"]
+    ks = sorted(int(v[len("ghost_k"):]) for v in acc if v.startswith("ghost_k"))
+    xs = {f"ghost_k{k}": k for k in ks}
+    if "bn" in acc and ks:
+        xs["bn"] = 2 * ks[-1]   # the whole batch, drawn one step past the largest k
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, values, label in ((axes[0], acc, "final probe accuracy (%)"), (axes[1], neg, "final negative cosine")):
+        names = [v for v in xs if v in values]
+        for v in names:
+            ax.plot([xs[v]] * len(values[v]), values[v], "o", color="C0", alpha=0.5, ms=4)
+        ax.plot([xs[v] for v in names], [sum(values[v]) / len(values[v]) for v in names], "-", color="C0")
+        if "no_norm" in values:
+            ax.axhline(sum(values["no_norm"]) / len(values["no_norm"]), color="C3", ls=":", label="no MLP norm")
+        if label.startswith("final probe") and untrained:
+            ax.axhline(sum(untrained) / len(untrained), color="k", ls="--", lw=1, label="untrained BN encoder")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([xs[v] for v in names], [str(xs[v]) if v != "bn" else "full" for v in names])
+        ax.set(xlabel="BN group size k (samples sharing statistics)", ylabel=label,
+               title=f"Ghost BN in projector and predictor: {label.split(' ', 1)[1]}")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    parts = [v for v in ("bn", "bn_no_affine", "center_only", "scale_only", "no_norm", "gn_ws", "gn_ws_ln") if v in acc]
+    for i, v in enumerate(parts):
+        mean = sum(acc[v]) / len(acc[v])
+        ax.bar(i, mean, color=f"C{i}")
+        ax.plot([i] * len(acc[v]), acc[v], "k.", ms=4)
+        if v in neg:
+            ax.text(i, mean + 0.5, f"neg {sum(neg[v]) / len(neg[v]):.2f}", ha="center", fontsize=7)
+    if untrained:
+        ax.axhline(sum(untrained) / len(untrained), color="k", ls="--", lw=1, label="untrained BN encoder")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(parts)), parts, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="final probe accuracy (%)", title="BN's parts (dots: seeds; text: negative cosine)")
+    fig.suptitle(Path(csv_path).name)
+    fig.tight_layout()
+    out = Path(csv_path).with_name(Path(csv_path).stem + "_k_parts.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}")

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -22,16 +23,59 @@ SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=
 
 # ------------------------------------------------------------------------------ models
 
-@pytest.mark.parametrize("norm", ["none", "bn", "ln", "gn"])
+@pytest.mark.parametrize("norm", common.MLP_NORMS)
 def test_mlp_shapes_and_norm_after_first_linear_only(norm):
     mlp = common.build_mlp(64, 128, 16, norm)
     assert mlp(torch.randn(8, 64)).shape == (8, 16)
     kinds = [type(m) for m in mlp]
-    assert kinds[0] is nn.Linear and kinds[-1] is nn.Linear and kinds[2] is nn.ReLU
-    expected = {"none": nn.Identity, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "gn": nn.GroupNorm}[norm]
+    assert kinds[0] is (common.WSLinear if norm == "gn_ws" else nn.Linear)
+    assert kinds[-1] is nn.Linear and kinds[2] is nn.ReLU
+    parts = common.BatchNormParts
+    expected = {"none": nn.Identity, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "gn": nn.GroupNorm,
+                "gn_ws": nn.GroupNorm, "bn_noaffine": parts, "bn_center": parts, "bn_scale": parts}[norm]
     assert kinds[1] is expected
-    n_norms = sum(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)) for m in mlp)
+    n_norms = sum(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm, parts)) for m in mlp)
     assert n_norms == (0 if norm == "none" else 1)
+    # ghost BN: plain "bn" with a group size becomes BatchNormParts with that group
+    ghost = common.build_mlp(64, 128, 16, "bn", bn_group=4)[1]
+    assert type(ghost) is parts and ghost.group == 4 and ghost.weight is not None
+
+
+def test_batchnorm_parts_with_the_whole_batch_is_batchnorm():
+    x = torch.randn(16, 6) * 3 + 1
+    mods = nn.BatchNorm1d(6), common.BatchNormParts(6, group=0), common.BatchNormParts(6, group=16)
+    with torch.no_grad():   # the same non-trivial affine in all three
+        for m in mods:
+            m.weight.copy_(torch.linspace(0.5, 2, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+    outs, grads = [], []
+    for m in mods:
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.arange(6.0)).pow(2).sum().backward()   # gradients flow through the statistics
+        outs.append(y)
+        grads.append(xi.grad)
+    for y, g in zip(outs[1:], grads[1:]):
+        assert torch.allclose(y, outs[0], atol=1e-5) and torch.allclose(g, grads[0], atol=1e-4)
+
+
+def test_ghost_groups_and_the_parts_of_batchnorm():
+    x = torch.randn(32, 5) * 2 + 3
+    k = 8
+    ghost = common.BatchNormParts(5, group=k, affine=False)(x)
+    per_group = torch.cat([common.BatchNormParts(5, affine=False)(c) for c in x.split(k)])
+    assert torch.allclose(ghost, per_group, atol=1e-6)
+    assert not torch.allclose(ghost, common.BatchNormParts(5, affine=False)(x), atol=1e-2)
+    groups = x.view(-1, k, 5)
+    center = common.BatchNormParts(5, group=k, scale=False, affine=False)(x).view(-1, k, 5)
+    assert torch.allclose(center.mean(1), torch.zeros(4, 5), atol=1e-5)   # zero mean per group
+    assert torch.allclose(center, groups - groups.mean(1, keepdim=True), atol=1e-6)   # nothing else
+    scale = common.BatchNormParts(5, group=k, center=False, affine=False)(x).view(-1, k, 5)
+    std = groups.var(1, unbiased=False, keepdim=True).add(1e-5).sqrt()
+    assert torch.allclose(scale, groups / std, atol=1e-5)   # divided by the std, mean kept
+    assert scale.mean(1).abs().min() > 0.5
+    with pytest.raises(ValueError, match="multiple"):
+        common.BatchNormParts(5, group=3)(x)
 
 
 def test_mlp_unknown_norm_raises():
@@ -433,7 +477,8 @@ def test_training_learns_on_synthetic_data():
 
 def test_bad_config_values_raise():
     for bad in (dict(epochs=-1), dict(proj_norm="batch"), dict(batch_size=0), dict(base_tau=1.5),
-                dict(objective="contrastive", queue_size=8)):
+                dict(objective="contrastive", queue_size=8), dict(mlp_bn_group=1), dict(mlp_bn_group=48),
+                dict(mlp_bn_group=-2)):
         with pytest.raises(common.UsageError):
             common.check_config(dataclasses.replace(SMALL, **bad))
     with pytest.raises(common.UsageError, match="batch_size"):
@@ -467,6 +512,10 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
     r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0 and "already done" in r.stdout
     assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
+    if script == "exp_bn_anatomy.py":   # its extra figure: accuracy against k, parts as bars
+        r = _run([str(ROOT / "plot_results.py"), str(csv_path)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "bn_anatomy_smoke_k_parts.png").stat().st_size > 10000
 
 
 def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
@@ -506,6 +555,15 @@ def test_missing_data_folder_exits_2(tmp_path):
     r = _run([str(ROOT / "exp_table1_norms.py"), "--preset", "cifar10", "--data-dir", str(tmp_path / "none"),
               "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
+    folder = tmp_path / common.CIFAR_DIR
+    folder.mkdir()
+    # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
+    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(common.UsageError, match="permission denied"):
+        common.load_dataset("cifar10", str(tmp_path))
 
 
 def test_diverged_run_stops_and_is_recorded(tmp_path):
@@ -598,3 +656,70 @@ def test_bf16_autocast_keeps_loss_and_cosines_in_fp32():
     assert not common.use_bf16(SMALL, cpu) and common.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
     with pytest.raises(common.UsageError):
         common.check_config(dataclasses.replace(SMALL, precision="fp16"))
+
+
+# ------------------------------------------------------------- several processes (torchrun)
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_two_processes_with_sync_bn_match_one_process(tmp_path):
+    """torchrun with gloo: 2 CPU processes x 32 images = the 1-process batch of 64. Two steps
+    (one epoch of 128 images). With --sync-bn the epoch's loss equals the single process's to
+    float noise (measured 6e-6 relative; channels_last convolutions sum in a batch-size-dependent
+    order and BYOL's gradient at init amplifies that, so weights are not bitwise equal); with
+    per-process BN (statistics over 32) it differs (measured 6e-4). Only rank 0 writes."""
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--set", "train_subset=128",
+            "--set", "epochs=1"]
+    loss = {}
+    for name, launch in (("one", []), ("sync_bn", [*TORCHRUN, "--sync-bn"]), ("per_rank_bn", TORCHRUN)):
+        launch, flags = [a for a in launch if a != "--sync-bn"], [a for a in launch if a == "--sync-bn"]
+        r = _run([*launch, *args, *flags, "--out", str(tmp_path / name)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = list(csv.DictReader(open(tmp_path / name / "table1_smoke.csv")))
+        assert [row["epoch"] for row in rows] == ["0", "1"]   # one writer
+        loss[name] = float(rows[-1]["loss"])
+    assert abs(loss["sync_bn"] - loss["one"]) < 1e-4 * loss["one"]
+    assert abs(loss["per_rank_bn"] - loss["one"]) > 3e-4 * loss["one"]
+
+
+GLOBAL_BN_SCRIPT = """
+import sys, torch, common
+rank, n = common.init_distributed("cpu")
+g = torch.Generator().manual_seed(0)
+x = (torch.randn(8, 4, 5, 5, generator=g) * 0.01 + 100).contiguous(memory_format=torch.channels_last)
+w = torch.randn(8, 4, 5, 5, generator=g)
+bn = common.convert_sync_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), torch.device("cpu"))[0]
+assert isinstance(bn, common.GlobalBatchNorm)
+xi = x[4 * rank:4 * rank + 4].clone().requires_grad_(True)
+y = bn(xi)
+(y * w[4 * rank:4 * rank + 4]).sum().backward()
+torch.save(dict(y=y.detach(), gx=xi.grad, gw=bn.weight.grad, mean=bn.running_mean, var=bn.running_var),
+           sys.argv[1] + f"/rank{rank}.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()   # else gloo's threads can abort the exit
+"""
+
+
+def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch(tmp_path):
+    """GlobalBatchNorm (--sync-bn off CUDA) on 2 ranks x 4 = nn.BatchNorm2d on 8: outputs,
+    input gradients, summed weight gradients, running stats; a large mean over a tiny spread
+    (a collapsed batch) stays exact to float32 (two-pass statistics; one-pass E[x^2] - E[x]^2
+    would lose the variance entirely)."""
+    (tmp_path / "gbn.py").write_text(GLOBAL_BN_SCRIPT)
+    r = subprocess.run([sys.executable, *TORCHRUN, str(tmp_path / "gbn.py"), str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 4, 5, 5, generator=g) * 0.01 + 100).requires_grad_(True)
+    w = torch.randn(8, 4, 5, 5, generator=g)
+    bn = nn.BatchNorm2d(4)
+    y = bn(x)
+    (y * w).sum().backward()
+    assert torch.allclose(torch.cat([d["y"] for d in ranks]), y, atol=1e-3)
+    assert torch.allclose(torch.cat([d["gx"] for d in ranks]), x.grad, rtol=1e-3, atol=1e-2)
+    assert torch.allclose(ranks[0]["gw"] + ranks[1]["gw"], bn.weight.grad, rtol=1e-2, atol=1e-2)
+    for d in ranks:
+        assert torch.allclose(d["mean"], bn.running_mean, atol=1e-4)
+        assert torch.allclose(d["var"], bn.running_var, rtol=1e-3, atol=1e-8)
