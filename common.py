@@ -200,12 +200,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
 
     def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        n_ranks = world()[1]
+        if not (self.training and n_ranks > 1):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        n = xf.numel() // xf.shape[1] * dist.get_world_size()   # ranks have equal batches
+        n = xf.numel() // xf.shape[1] * n_ranks   # ranks have equal batches
         mean = _SumOverRanks.apply(xf.sum(dims)) / n
         xc = xf - mean.view(shape)
         var = _SumOverRanks.apply(xc.pow(2).sum(dims)) / n
@@ -239,9 +240,10 @@ def convert_sync_bn(module, device):
 
 def all_gather_cat(t):
     """Concatenation over ranks in rank order (= the global batch's order); t alone if one."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    n_ranks = world()[1]
+    if n_ranks == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(t) for _ in range(n_ranks)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
 

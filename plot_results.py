@@ -101,7 +101,7 @@ def plot_anatomy(csv_path, rows):
     BN group size k (every seed a dot, the mean a line), and a bar chart of BN's parts."""
     acc, neg = final_values(rows, "probe_acc"), final_values(rows, "neg_cos")
     untrained = [float(r["probe_acc"]) for r in rows if r["epoch"] == "0" and r["probe_acc"]
-                 and r["variant"] != "gn_ws" and r["variant"] != "gn_ws_ln"]
+                 and r.get("cfg_encoder_norm", "bn") == "bn"]
     ks = sorted(int(v[len("ghost_k"):]) for v in acc if v.startswith("ghost_k"))
     xs = {f"ghost_k{k}": k for k in ks}
     if "bn" in acc and ks:

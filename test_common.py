@@ -672,8 +672,7 @@ def test_two_processes_with_sync_bn_match_one_process(tmp_path):
     args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--set", "train_subset=128",
             "--set", "epochs=1"]
     loss = {}
-    for name, launch in (("one", []), ("sync_bn", [*TORCHRUN, "--sync-bn"]), ("per_rank_bn", TORCHRUN)):
-        launch, flags = [a for a in launch if a != "--sync-bn"], [a for a in launch if a == "--sync-bn"]
+    for name, launch, flags in (("one", [], []), ("sync_bn", TORCHRUN, ["--sync-bn"]), ("per_rank_bn", TORCHRUN, [])):
         r = _run([*launch, *args, *flags, "--out", str(tmp_path / name)], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         rows = list(csv.DictReader(open(tmp_path / name / "table1_smoke.csv")))
