@@ -21,6 +21,13 @@ SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=
                       epochs=2, queue_size=256, device="cpu", lr=0.2)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so a threshold that passes once always passes."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 # ------------------------------------------------------------------------------ models
 
 @pytest.mark.parametrize("norm", common.MLP_NORMS)
@@ -73,7 +80,7 @@ def test_ghost_groups_and_the_parts_of_batchnorm():
     scale = common.BatchNormParts(5, group=k, center=False, affine=False)(x).view(-1, k, 5)
     std = groups.var(1, unbiased=False, keepdim=True).add(1e-5).sqrt()
     assert torch.allclose(scale, groups / std, atol=1e-5)   # divided by the std, mean kept
-    assert scale.mean(1).abs().min() > 0.5
+    assert scale.mean(1).abs().mean() > 1.0   # x has mean 3, std 2: the mean survives as ~1.5
     with pytest.raises(ValueError, match="multiple"):
         common.BatchNormParts(5, group=3)(x)
 
