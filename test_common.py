@@ -475,7 +475,7 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
 
 
 def test_cpu_training_flushes_denormal_floats():
-    """Decayed weights of a collapsed run can underflow into denormals, ~80x slower on a CPU."""
+    """Decayed weights of a collapsed run can underflow into denormals, ~90x slower on a CPU."""
     torch.set_flush_denormal(False)
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
     common.train_byol(dataclasses.replace(SMALL, epochs=0), data=common.make_synthetic(64, 64))
