@@ -6,13 +6,14 @@ Measures, for a preset of exp_table1_norms.py (default: cpu on a CPU, cifar10 on
   (b) bound: the same networks' forward + backward on one fixed pre-made pair of views
   (c) aug:   the batched augmentation alone (two views), images/s
   (d) probe: fitting the linear probe on 50,000 x 512 random-label features, seconds
-and ends with one line: step_img_s=... bound_img_s=... ratio=... aug_img_s=... probe_s=...
+and ends with one line per memory format: memory_format=... step_img_s=... bound_img_s=... ratio=...
+aug_img_s=... probe_s=... (--memory-format both: channels_last and NCHW in one run).
 
     python bench.py                      # cpu preset here
     python bench.py --preset cifar10 --steps 50
 """
 import argparse
-import dataclasses
+import sys
 import time
 
 import torch
@@ -34,32 +35,22 @@ def timed(fn, steps, device, warmup=2):
     return (time.perf_counter() - t) / steps
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS))
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    args = p.parse_args()
-    device = common.get_device(args.device)
-    preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")
-    cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
-                        device=str(device), compile=args.compile, precision=args.precision)
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def measure(cfg, device, fmt, steps):
+    """(step, bound, aug) seconds per batch with the convolutions in memory format fmt."""
     size = 96 if cfg.stem == "imagenet" else 32
     n, B = 4 * cfg.batch_size, cfg.batch_size
+    torch.manual_seed(0)
     x_all = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     mean, std = common.mean_std("cifar10", device)
     gen = torch.Generator(device).manual_seed(0)
-    model = common.BYOL(cfg).to(device, memory_format=torch.channels_last)
+    model = common.BYOL(cfg).to(device, memory_format=fmt)
     opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     amp = common.use_bf16(cfg, device)
     net = torch.compile(model) if cfg.compile else model
-    print(f"preset {preset}: width {cfg.width}, {size} px, batch {B}, device {device}, "
-          f"threads {torch.get_num_threads()}, bf16 {amp}, compile {cfg.compile}")
-
-    fixed = common.two_views(x_all[:B], gen, mean, std)
+    fixed = common.two_views(x_all[:B], gen, mean, std, fmt=fmt)
 
     def bound():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -68,13 +59,48 @@ def main():
 
     def step():   # the loop body of common.train_byol
         x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
-        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std), cfg.base_tau, amp)
+        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std, fmt=fmt), cfg.base_tau, amp)
 
     # bound timed before and after the step, best of the two: a conservative ratio
-    t_bound = timed(bound, args.steps, device)
-    t_step = timed(step, args.steps, device)
-    t_bound = min(t_bound, timed(bound, args.steps, device))
-    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std), args.steps, device)
+    t_bound = timed(bound, steps, device)
+    t_step = timed(step, steps, device)
+    t_bound = min(t_bound, timed(bound, steps, device))
+    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std, fmt=fmt), steps, device)
+    return t_step, t_bound, t_aug
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (>= 1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--memory-format", default="auto", choices=["auto", *FORMATS, "both"],
+                   help="of the convolutions; auto: what training uses (common.conv_format); both: "
+                        "measure channels_last and contiguous (NCHW) one after the other")
+    args = p.parse_args()
+    try:
+        if args.steps < 1:
+            raise common.UsageError(f"--steps must be >= 1, got {args.steps}")
+        device = common.get_device(args.device)
+    except common.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")
+    cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
+                        device=str(device), compile=args.compile, precision=args.precision)
+    B = cfg.batch_size
+    print(f"preset {preset}: width {cfg.width}, {96 if cfg.stem == 'imagenet' else 32} px, batch {B}, "
+          f"device {device}, threads {torch.get_num_threads()}, bf16 {common.use_bf16(cfg, device)}, "
+          f"compile {cfg.compile}")
+    if args.memory_format == "both":
+        names = list(FORMATS)
+    elif args.memory_format == "auto":
+        names = [n for n, f in FORMATS.items() if f == common.conv_format(device, cfg.width)]
+    else:
+        names = [args.memory_format]
 
     feats = torch.randn(50000, 512, device=device)
     labels = torch.randint(0, 10, (50000,), device=device)
@@ -82,8 +108,11 @@ def main():
     common.fit_logreg(feats, labels, 10, l2=1 / 50000)(feats[:10]).tolist()
     t_probe = time.perf_counter() - t
 
-    s, b = B / t_step, B / t_bound
-    print(f"step_img_s={s:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f}")
+    for name in names:
+        t_step, t_bound, t_aug = measure(cfg, device, FORMATS[name], args.steps)
+        s, b = B / t_step, B / t_bound
+        print(f"memory_format={name} step_img_s={s:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} "
+              f"aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import argparse
 import copy
 import csv
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -20,6 +22,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl   # the CSV lock (POSIX); without it, runs on one --out are not guarded
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -97,24 +104,41 @@ class UsageError(Exception):
 
 
 def check_config(cfg):
+    """Raises UsageError for a value that can never make a valid run; returns cfg."""
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("width", "batch_size", "mlp_hidden_dim", "proj_dim"):
+    for key in ("width", "mlp_hidden_dim", "proj_dim"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
+        raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
     for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.base_tau <= 1.0:
-        raise UsageError(f"base_tau must be in [0, 1], got {cfg.base_tau}")
-    if cfg.lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
-        raise UsageError("lr, weight_decay and warmup_epochs must be >= 0")
+    if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
+        raise UsageError(f"seed must be in [0, 2^32), got {cfg.seed}")
+    # float settings: finite (nan and inf make NaN rows), and in their meaningful range
+    for key, lo, hi, what in (("lr", 0, math.inf, ">= 0"), ("weight_decay", 0, math.inf, ">= 0"),
+                              ("warmup_epochs", 0, math.inf, ">= 0"), ("momentum", 0, 1, "in [0, 1)"),
+                              ("lars_eta", 0, math.inf, "> 0"), ("temperature", 0, math.inf, "> 0"),
+                              ("base_tau", 0, 1, "in [0, 1]")):
+        v = getattr(cfg, key)
+        bad = not math.isfinite(v) or v < lo or v > hi or (v == lo and what == "> 0") or (v == hi and what == "in [0, 1)")
+        if bad:
+            raise UsageError(f"{key} must be finite and {what}, got {v}")
     if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
         raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
                          f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
     if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
         raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
+    # GroupNorm uses min(32, channels) groups, which must divide the channels
+    if cfg.encoder_norm in ("gn", "gn_ws") and any(c % min(32, c) for c in (cfg.width * 2 ** i for i in range(4))):
+        raise UsageError(f"width={cfg.width} with encoder_norm={cfg.encoder_norm}: GroupNorm's 32 groups need "
+                         f"every stage's channels (width x 1, 2, 4, 8) below 32 or a multiple of 32")
+    if "gn" in (cfg.proj_norm[:2], cfg.pred_norm[:2]) and cfg.mlp_hidden_dim % min(32, cfg.mlp_hidden_dim):
+        raise UsageError(f"mlp_hidden_dim={cfg.mlp_hidden_dim} with a GroupNorm MLP: 32 groups need a size "
+                         f"below 32 or a multiple of 32")
     return cfg
 
 
@@ -127,14 +151,32 @@ def get_device(name="auto"):
             device = torch.device(name)
         except RuntimeError as e:
             raise UsageError(f"--device {name!r}: {e}") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: MPS is not available on this machine")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def conv_format(device, width):
+    """Memory format of the convolutions' inputs and weights. channels_last (NHWC) is faster on
+    CUDA (cuDNN) and on CPU too (1.24x the step at width 16: results/bench_cpu.txt), but on an
+    AVX2-only CPU oneDNN computes the weight gradient of a 1x1 conv whose input channels are not
+    a multiple of 8 with a kernel that writes out of bounds (a crash or a hang at width 4:
+    test_no_avx2_crash_at_a_narrow_width). So on CPU, channels_last only when every channel
+    count (width x 1, 2, 4, 8) is a multiple of 8."""
+    if device.type == "cuda" or (device.type == "cpu" and width % 8 == 0):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def use_bf16(cfg, device):
@@ -858,7 +900,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
         raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
     mean, std = mean_std(cfg.dataset, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)   # the same on every rank
-    model = BYOL(cfg).to(device, memory_format=torch.channels_last)
+    fmt = conv_format(device, cfg.width)
+    model = BYOL(cfg).to(device, memory_format=fmt)
     if cfg.sync_bn and n_ranks > 1:
         model = convert_sync_bn(model, device)
     opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
@@ -885,7 +928,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
             if on_epoch:
                 on_epoch(row)
     elif cfg.objective == "contrastive" and cfg.queue_init == "data":
-        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std)
+        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt)
     for epoch in range(len(rows), cfg.epochs + 1):
         sums = torch.zeros(4, device=device)   # loss, pos_cos, neg_cos, z_std: synced once/epoch
         lr = tau = None
@@ -897,7 +940,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
                 lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part), tau, amp)
+                out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part, fmt), tau, amp)
                 sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
                 step += 1
         if n_ranks > 1:   # the epoch's means over the global batch
@@ -935,11 +978,10 @@ def check_ranks(cfg, n_ranks):
         raise UsageError("probe_bn=recompute cannot run with --sync-bn over several processes")
 
 
-def two_views(x_u8, gen, mean, std, part=slice(None)):
-    """Two independent random views of a uint8 batch (of its part), channels_last for the
-    convolutions."""
-    return tuple(augment(x_u8, gen, mean, std, part).contiguous(memory_format=torch.channels_last)
-                 for _ in range(2))
+def two_views(x_u8, gen, mean, std, part=slice(None), fmt=torch.contiguous_format):
+    """Two independent random views of a uint8 batch (of its part), in the convolutions'
+    memory format fmt (conv_format)."""
+    return tuple(augment(x_u8, gen, mean, std, part).contiguous(memory_format=fmt) for _ in range(2))
 
 
 def train_step(model, step_fn, opt, v1, v2, tau, amp):
@@ -960,20 +1002,32 @@ def train_step(model, step_fn, opt, v1, v2, tau, amp):
 def save_checkpoint(path, cfg, model, opt, gen, rows, step):
     """Everything a run needs to continue: networks (queue and BN stats included), optimizer
     state, the generator behind data order and augmentations, the rows so far. Written to a
-    temporary file and renamed, so a crash never leaves half a checkpoint."""
+    temporary file of this process's own and renamed, so a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(cfg=_resumable(cfg), model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
                  rows=rows, step=step)
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path, cfg):
+    """The saved state if path holds a checkpoint of this config, else None. A file that cannot
+    be read (truncated, garbage) is renamed to <name>.bad, named in a warning, and the run
+    starts afresh."""
     if not path or not Path(path).exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state if state["cfg"] == _resumable(cfg) else None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return state if state["cfg"] == _resumable(cfg) else None
+    except Exception as e:
+        bad = Path(path).with_name(Path(path).name + ".bad")
+        if world()[0] == 0:
+            os.replace(path, bad)
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); kept as {bad}, "
+                  f"starting this run afresh", file=sys.stderr)
+        return None
 
 
 def _resumable(cfg):
@@ -982,14 +1036,15 @@ def _resumable(cfg):
 
 
 @torch.no_grad()
-def fill_queue_(model, images_u8, gen, batch_size, mean, std):
+def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguous_format):
     """Fills the queue with target projections of augmented real images before training. With
     a randomly initialized queue, a network whose initial projections are already similar can
     lower the loss by collapsing onto one direction away from the random negatives; once the
     queue holds only collapsed keys the gradient vanishes (measured on the cpu preset)."""
     idx = torch.randperm(len(images_u8), generator=gen, device=images_u8.device)[:len(model.queue)]
     for chunk in idx.split(batch_size):
-        keys = model.target(augment(images_u8[chunk], gen, mean, std).contiguous(memory_format=torch.channels_last))
+        views = augment(images_u8[chunk], gen, mean, std).contiguous(memory_format=fmt)
+        keys = model.target(views)
         model.enqueue_(F.normalize(keys.float(), dim=1))
 
 
@@ -1012,7 +1067,8 @@ def lars_lrs(opt, lr):
 
 
 @torch.no_grad()
-def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=False):
+def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=False,
+                     fmt=torch.contiguous_format):
     """Frozen-encoder features of uint8 images, eval mode; the encoder's mode is restored."""
     was_training = encoder.training
     encoder.eval()
@@ -1020,7 +1076,7 @@ def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp
     for i in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[i:i + batch_size].to(device).float() / 255, mean, std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
+            feats.append(encoder(x.contiguous(memory_format=fmt)).float())
     encoder.train(was_training)
     return torch.cat(feats)
 
@@ -1059,8 +1115,9 @@ def linear_probe(encoder, data, cfg, device):
         fit_x, fit_y, val_x, val_y = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
     if cfg.probe_bn == "recompute":
         encoder = recompute_bn_stats(encoder, fit_x, mean, std, device)
-    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=use_bf16(cfg, device))
-    f_val = extract_features(encoder, val_x, mean, std, device, amp=use_bf16(cfg, device))
+    fmt = conv_format(device, cfg.width)
+    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=use_bf16(cfg, device), fmt=fmt)
+    f_val = extract_features(encoder, val_x, mean, std, device, amp=use_bf16(cfg, device), fmt=fmt)
     if not (torch.isfinite(f_fit).all() and torch.isfinite(f_val).all()):
         return float("nan")   # the encoder blew up (finite loss is possible: cosines of huge z)
     predict = fit_logreg(f_fit, fit_y.to(device), int(data["test_y"].max()) + 1, l2=1.0 / len(f_fit))
@@ -1113,7 +1170,8 @@ def get_parser(doc, presets, variants):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    p.add_argument("--seeds", type=str, default="1", help="N (seeds 0..N-1), or a list like 3,4 (one seed: 3,); default 1")
+    p.add_argument("--seeds", type=str, default="1",
+                   help=f"N (seeds 0..N-1, N <= {MAX_SEEDS}), or a list like 3,4 (one seed: 3,); default 1")
     p.add_argument("--variants", type=str, default="", help=f"comma list of: {', '.join(variants)} (default: all)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -1121,7 +1179,10 @@ def get_parser(doc, presets, variants):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ or stl10_binary/")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    p.add_argument("--out", default="results", help="folder for the CSV (default results/)")
+    p.add_argument("--out", default="runs", help="folder for the CSV (default runs/; the committed "
+                   "reference results are in results/)")
+    p.add_argument("--fresh", action="store_true", help="retrain runs whose identical settings are already "
+                   "finished in the CSV (their old rows are replaced)")
     p.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--sync-bn", action="store_true",
@@ -1129,14 +1190,28 @@ def get_parser(doc, presets, variants):
     return p
 
 
+MAX_SEEDS = 1000
+
+
 def parse_seeds(text):
     try:
-        seeds = [int(s) for s in text.split(",") if s] if "," in text else list(range(int(text)))
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if not 1 <= n <= MAX_SEEDS:
+                raise UsageError(f"--seeds {text}: a count must be 1..{MAX_SEEDS}")
+            seeds = list(range(n))
     except ValueError:
         raise UsageError(f"--seeds {text!r}: give a count like 3 or a list like 0,2") from None
-    if not seeds or min(seeds) < 0:
-        raise UsageError(f"--seeds {text!r}: need at least one seed, none negative")
+    if not seeds or min(seeds) < 0 or max(seeds) >= 2 ** 32:
+        raise UsageError(f"--seeds {text!r}: need at least one seed, each in 0..2^32-1")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed is listed twice")
     return seeds
+
+
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def parse_overrides(pairs):
@@ -1147,17 +1222,21 @@ def parse_overrides(pairs):
         if not sep or key not in fields:
             raise UsageError(f"--set {pair!r}: expected KEY=VALUE with KEY a Config field ({', '.join(fields)})")
         kind = fields[key]
+        if kind == "bool":
+            if value.lower() not in BOOLS:
+                raise UsageError(f"--set {pair!r}: {value!r} is not a bool (true/false/1/0/yes/no)")
+            out[key] = BOOLS[value.lower()]
+            continue
         try:
-            out[key] = (value.lower() in ("1", "true", "yes")) if kind == "bool" else {
-                "int": int, "float": float, "str": str}[kind](value)
+            out[key] = {"int": int, "float": float, "str": str}[kind](value)
         except ValueError:
             raise UsageError(f"--set {pair!r}: {value!r} is not a valid {kind}") from None
     return out
 
 
 def build_configs(args, presets, variants, extra_variants=None):
-    """(preset name, {variant: Config}) for the chosen preset, variants and CLI overrides.
-    extra_variants can be named with --variants but are not in the default grid."""
+    """(preset name, {variant: Config}, CLI overrides) for the chosen preset, variants and
+    overrides. extra_variants can be named with --variants but are not in the default grid."""
     preset = args.preset or ("cifar10" if torch.cuda.is_available() else "cpu")
     if not args.preset and not args.smoke:
         print(f"no --preset given: using '{preset}' ({'GPU' if preset == 'cifar10' else 'no GPU'} found)")
@@ -1176,34 +1255,70 @@ def build_configs(args, presets, variants, extra_variants=None):
     if args.batch_size is not None:
         cli["batch_size"] = args.batch_size
     configs = {}
-    for v in names:
+    for v in dict.fromkeys(names):
         over = dict(variants[v])
         # a variant that never trains (random init) keeps epochs=0 whatever --epochs says
         fields = {**base, **over, **{k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}}
         configs[v] = check_config(Config(**fields))
-    return ("smoke" if args.smoke else preset), configs
+    return ("smoke" if args.smoke else preset), configs, cli
+
+
+def config_hash(cfg, n_ranks=1):
+    """12 hex digits naming every setting that changes a run's results: all Config fields but
+    the seed (its own column), where the data lives, the device name and compile; precision
+    'auto' is resolved (bf16 on CUDA, fp32 elsewhere), and the process count is added under
+    torchrun (BN batches are per process). A CSV row with the same hash, variant, seed and final
+    epoch is a finished run of exactly these settings."""
+    d = _resumable(cfg)
+    del d["seed"]
+    d["precision"] = "bf16" if use_bf16(cfg, get_device(cfg.device)) else "fp32"
+    if n_ranks > 1:
+        d["processes"] = n_ranks
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- results CSV on disk
+# One writer per CSV (a lock file), rows of a run appended together once it ends, every rewrite
+# atomic (temporary file + rename), and a torn tail (a crash mid-append) cut off on disk before
+# anything is appended, so a line can never be glued onto half of another.
 
 
 def read_rows(path, header):
-    """Rows of an existing results CSV; a torn last line (crash mid-write) is dropped."""
+    """Rows of an existing results CSV ([] if missing or empty). A torn last line (no final
+    newline, or too few cells) is removed from the file, with a warning."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    if not lines or (len(lines) == 1 and not text.endswith("\n") and ",".join(header).startswith(lines[0])):
+        return []   # empty, or a header cut short: rewritten whole by the first write
     if lines[0].split(",") != header:
         raise UsageError(f"{path} exists with other columns; move it away or use another --out")
-    rows = list(csv.DictReader(lines))
-    if rows and None in rows[-1].values():
-        print(f"warning: dropping a torn last line of {path}", file=sys.stderr)
-        rows = rows[:-1]
+    torn = not text.endswith("\n") or len(next(csv.reader([lines[-1]]))) != len(header)
+    rows = list(csv.DictReader(lines[:-1] if torn and len(lines) > 1 else lines))
+    if torn:
+        print(f"warning: {path}: removed a torn last line (a crash mid-write): {lines[-1][:60]!r}",
+              file=sys.stderr)
+        rewrite_rows(path, header, rows)
     return rows
 
 
-def write_rows(path, header, rows, mode="a"):
-    new = mode == "w" or not path.exists()
-    with open(path, mode, newline="") as f:
+def rewrite_rows(path, header, rows):
+    """Replaces the CSV with header + rows, atomically."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, header, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_rows(path, header, rows):
+    """Appends rows (with the header first if the file is new or empty) and syncs them to disk."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, header, extrasaction="ignore")
         if new:
             w.writeheader()
@@ -1212,74 +1327,135 @@ def write_rows(path, header, rows, mode="a"):
         os.fsync(f.fileno())
 
 
-def fmt(v):
+def open_out(out, csv_name):
+    """Makes the output folder, checks that the CSV can be written, and locks it against a second
+    run on the same file (held until the process ends). Returns (csv path, lock file)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / csv_name
+        lock = open(path.with_name(path.name + ".lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+        raise UsageError(f"--out {out}: {path} is not a writable file")
+    if fcntl:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UsageError(f"another run (pid {lock.read().strip() or '?'}) is writing {path}; wait for it "
+                             f"to end or use another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    return path, lock
+
+
+def save_run(path, header, rows, replace=False):
+    """Appends one run's rows; replace: first removes the CSV's rows of the same run (variant,
+    seed, cfg_hash), in one atomic rewrite (--fresh: the old result stays until the new one is in)."""
+    if not replace:
+        return write_rows(path, header, rows)
+    key = (rows[0]["variant"], str(rows[0]["seed"]), rows[0]["cfg_hash"])
+    old = [r for r in read_rows(path, header) if (r["variant"], r["seed"], r["cfg_hash"]) != key]
+    rewrite_rows(path, header, old + rows)
+
+
+def cell(v):
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
 
 
+def is_final(row, epochs):
+    """A run's last row: its final epoch, or the epoch where its loss diverged."""
+    return int(row["epoch"]) == epochs or row["loss"] in ("nan", "inf", "-inf")
+
+
 def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
-    """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv.
-    (variant, seed) runs already complete in that CSV are skipped; an interrupted run continues
-    from its checkpoint under <out>/checkpoints/. Ends with a summary table beside the blog's."""
-    preset, configs = build_configs(args, presets, variants, extra_variants)
+    """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv (a
+    run's rows land together when it ends). A run whose identical settings (cfg_hash) already
+    finished in that CSV is reused, not retrained (--fresh retrains it); an interrupted run
+    continues from its checkpoint under <out>/checkpoints/. Ends with a summary of exactly the
+    requested runs beside the blog's numbers."""
+    preset, configs, cli = build_configs(args, presets, variants, extra_variants)
     variants = {**variants, **(extra_variants or {})}
     seeds = parse_seeds(args.seeds)
     over_keys = sorted({k for v in variants.values() for k in v})
-    header = COLUMNS + list(extra_columns) + [f"cfg_{k}" for k in over_keys]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{exp}_{preset}.csv"
+    header = COLUMNS + list(extra_columns) + ["cfg_hash"] + [f"cfg_{k}" for k in over_keys]
     rank, n_ranks = world()
+    hashes = {name: config_hash(cfg, n_ranks) for name, cfg in configs.items()}
+    wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
+    path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
     done = set()
-    if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
-        old = read_rows(path, header)
-        # a run is done when its last epoch, or a diverged (non-finite) loss, is in the CSV
-        done = {(r["variant"], int(r["seed"])) for r in old if r["variant"] in configs and (
-                int(r["epoch"]) == configs[r["variant"]].epochs or r["loss"] in ("nan", "inf", "-inf"))}
-        kept = [r for r in old if (r["variant"], int(r["seed"])) in done or r["variant"] not in configs]
-        if len(kept) != len(old) or not path.exists():
-            write_rows(path, header, kept, mode="w")
-    if n_ranks > 1:
-        shared = [done]
-        dist.broadcast_object_list(shared)
-        done = shared[0]
-        print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
-              + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
-    print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}"
-          + (f" ({len(done)} runs already done)" if done else ""))
-    if n_ranks > 1 and args.download and rank > 0:
-        dist.barrier()   # rank 0 downloads first
-    data = load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
-    if n_ranks > 1 and args.download and rank == 0:
-        dist.barrier()
-    for seed in seeds:
-        for name, cfg in configs.items():
-            if (name, seed) in done:
-                continue
-            cfg = dataclasses.replace(cfg, seed=seed)
-            print(f"[{name} seed {seed}] {', '.join(f'{k}={v}' for k, v in variants[name].items()) or 'base'}")
-            buffer = []
+    try:
+        if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
+            path, lock = open_out(args.out, f"{exp}_{preset}.csv")
+            old = read_rows(path, header)
+            runs = {}
+            for r in old:
+                runs.setdefault((r["variant"], int(r["seed"]), r["cfg_hash"]), []).append(r)
+            finished = {key for key, rows in runs.items() if key[:2] in wanted and key[2] == wanted[key[:2]]
+                        and any(is_final(r, configs[key[0]].epochs) for r in rows)}
+            # rows of a requested run that never finished (a crash while appending) are dropped, so
+            # that its new rows are not duplicates
+            drop = {key for key in runs if key[:2] in wanted and key[2] == wanted[key[:2]] and key not in finished}
+            done = set() if args.fresh else {key[:2] for key in finished}
+            if drop:
+                rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
+        if n_ranks > 1:
+            shared = [done]
+            dist.broadcast_object_list(shared)
+            done = shared[0]
+            print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
+                  + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
+        print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
+        if done:
+            print(f"reused {len(done)} finished run(s) with identical settings from {path} (--fresh to retrain)")
+        if len(done) < len(wanted):
+            if n_ranks > 1 and args.download and rank > 0:
+                dist.barrier()   # rank 0 downloads first
+            data = load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+            if n_ranks > 1 and args.download and rank == 0:
+                dist.barrier()
+        for seed in seeds:
+            for name, cfg in configs.items():
+                if (name, seed) in done:
+                    continue
+                cfg = dataclasses.replace(cfg, seed=seed)
+                shown = {k: getattr(cfg, k) for k in {**variants[name], **cli}}   # the values actually used
+                print(f"[{name} seed {seed}] {', '.join(f'{k}={v}' for k, v in shown.items()) or 'preset settings'}"
+                      f"  (cfg_hash {hashes[name]})")
+                buffer = []
 
-            def log(row, name=name, seed=seed, cfg=cfg):
-                print(f"  epoch {row['epoch']:3d}  loss {fmt(row['loss']) or '-':>9}  probe {fmt(row['probe_acc']) or '-':>7}"
-                      f"  pos_cos {fmt(row['pos_cos']) or '-':>9}  neg_cos {fmt(row['neg_cos']) or '-':>9}"
-                      f"  z_std {fmt(row['z_std']) or '-':>9}  {row['wall_s']:.0f}s", flush=True)
-                full = dict(exp=exp, variant=name, seed=seed, **row, **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
-                buffer.append({k: fmt(v) for k, v in full.items()})
-                if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
-                    write_rows(path, header, buffer)
-            ckpt = out / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}.pt"
-            rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt)
-            if rank == 0:
-                if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
-                    write_rows(path, header, buffer)
-                ckpt.unlink(missing_ok=True)
-    if rank == 0:
-        print_summary(read_rows(path, header), list(configs), blog or {})
-    return path
+                def log(row, name=name, seed=seed, cfg=cfg):
+                    print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}  probe {cell(row['probe_acc']) or '-':>7}"
+                          f"  pos_cos {cell(row['pos_cos']) or '-':>9}  neg_cos {cell(row['neg_cos']) or '-':>9}"
+                          f"  z_std {cell(row['z_std']) or '-':>9}  {row['wall_s']:.0f}s", flush=True)
+                    full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name],
+                                **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
+                    buffer.append({k: cell(v) for k, v in full.items()})
+                    if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
+                        save_run(path, header, buffer, replace=args.fresh)
+                ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
+                rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt)
+                if rank == 0:
+                    if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
+                        save_run(path, header, buffer, replace=args.fresh)
+                    ckpt.unlink(missing_ok=True)
+        if rank == 0:
+            final = [r for r in read_rows(path, header) if wanted.get((r["variant"], int(r["seed"]))) == r["cfg_hash"]
+                     and is_final(r, configs[r["variant"]].epochs)]
+            print_summary(final, list(configs), blog or {})
+        return path
+    finally:
+        if lock:
+            lock.close()
 
 
 def print_summary(rows, names, blog):
-    """Last-epoch probe accuracy and cosines, mean +- std over seeds, beside the blog's numbers."""
+    """Probe accuracy and cosines of each run's last row, mean +- std over seeds, beside the
+    blog's numbers."""
     last = {}
     for r in rows:
         key = (r["variant"], r["seed"])
@@ -1291,7 +1467,9 @@ def print_summary(rows, names, blog):
         if not vals:
             return "-"
         return f"{np.mean(vals):.4g} +- {np.std(vals):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
-    print(f"\n{'variant':<22}{'probe_acc':>18}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
+    epochs = sorted({int(r["epoch"]) for r in last.values()})
+    print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s):")
+    print(f"{'variant':<22}{'probe_acc':>18}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
     for name in names:
         ref = blog.get(name, "")
         print(f"{name:<22}{ms(name, 'probe_acc'):>18}{ms(name, 'pos_cos'):>20}{ms(name, 'neg_cos'):>20}   {ref}")

@@ -3,7 +3,7 @@
 
     python merge_results.py results/table1_cpu.csv machineB/table1_cpu.csv --out results/table1_all.csv
 
-Rows are keyed by (variant, seed, epoch). A key present in several files must agree on every
+Rows are keyed by (variant, cfg_hash, seed, epoch). A key present in several files must agree on every
 metric except wall_s; if it does not, nothing is written and the conflict is named (exit 2).
 """
 import argparse
@@ -14,12 +14,30 @@ from pathlib import Path
 import common
 
 
+def read_csv(path):
+    """(header, rows) of one input. A torn last line (no final newline, or too few cells: a
+    crash mid-write) is left out with a warning naming it; a short line elsewhere is refused."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if not lines:
+        return None, []
+    reader = csv.DictReader(lines)
+    rows = list(reader)
+    if rows and (not text.endswith("\n") or None in rows[-1].values()):
+        print(f"warning: {path}: left out a torn last line: {lines[-1][:60]!r}", file=sys.stderr)
+        rows = rows[:-1]
+    bad = [i for i, r in enumerate(rows) if None in r.values() or None in r]
+    if bad:
+        raise common.UsageError(f"{path}: line {bad[0] + 2} has the wrong number of cells")
+    if "variant" not in reader.fieldnames or "epoch" not in reader.fieldnames:
+        raise common.UsageError(f"{path} is not a results CSV (no variant/epoch columns)")
+    return reader.fieldnames, rows
+
+
 def merge(paths):
     header, merged = None, {}
     for path in paths:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            fields = list(rows[0]) if rows else None
+        fields, rows = read_csv(path)
         if fields is None:
             continue
         if header is None:
@@ -27,14 +45,14 @@ def merge(paths):
         elif fields != header:
             raise common.UsageError(f"{path} has other columns than {paths[0]}")
         for r in rows:
-            key = (r["variant"], r["seed"], r["epoch"])
+            key = (r["variant"], r.get("cfg_hash", ""), r["seed"], r["epoch"])
             other = merged.setdefault(key, r)
             if {k: v for k, v in other.items() if k != "wall_s"} != {k: v for k, v in r.items() if k != "wall_s"}:
-                raise common.UsageError(f"{path}: variant {key[0]} seed {key[1]} epoch {key[2]} disagrees "
+                raise common.UsageError(f"{path}: variant {key[0]} seed {key[2]} epoch {key[3]} disagrees "
                                         f"with an earlier file")
     if header is None:
         raise common.UsageError("no rows in any of the given files")
-    order = sorted(merged, key=lambda k: (k[0], int(k[1]), int(k[2])))
+    order = sorted(merged, key=lambda k: (k[0], k[1], int(k[2]), int(k[3])))
     return header, [merged[k] for k in order]
 
 
@@ -50,8 +68,8 @@ def main(argv=None):
         header, rows = merge(args.csvs)
         if Path(args.out).exists():
             raise common.UsageError(f"{args.out} exists; choose another --out")
-        common.write_rows(Path(args.out), header, rows, mode="w")
-    except common.UsageError as e:
+        common.rewrite_rows(Path(args.out), header, rows)
+    except (common.UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {len(rows)} rows to {args.out}")

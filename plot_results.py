@@ -30,7 +30,7 @@ def curves(rows, column):
 
 
 def plot(csv_path):
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = read_results(csv_path)
     if not rows:
         print(f"{csv_path}: no rows, skipped")
         return None
@@ -77,7 +77,7 @@ def plot(csv_path):
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}")
-    if rows[0]["exp"] == "bn_anatomy":
+    if rows[0].get("exp") == "bn_anatomy":
         plot_anatomy(csv_path, rows)
     return out
 
@@ -143,11 +143,40 @@ def plot_anatomy(csv_path, rows):
     return out
 
 
-if __name__ == "__main__":
-    paths = sys.argv[1:] or sorted(str(p) for p in Path("results").glob("*.csv"))
+NEEDED = ("variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos")
+
+
+def read_results(csv_path):
+    """Rows of a results CSV; a variant run under several settings (cfg_hash) gets one curve per
+    setting, labelled with the hash."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path} is not a results CSV (no column {', '.join(missing)})")
+        rows = [r for r in reader if None not in r.values()]   # a torn line has too few cells
+    hashes = defaultdict(set)
+    for r in rows:
+        hashes[r["variant"]].add(r.get("cfg_hash", ""))
+    for r in rows:
+        if len(hashes[r["variant"]]) > 1:
+            r["variant"] = f"{r['variant']} [{r['cfg_hash'][:6]}]"
+    return rows
+
+
+def main(argv):
+    paths = argv or sorted(str(p) for p in Path("results").glob("*.csv"))
     if not paths:
-        sys.exit("error: no CSV given and none in results/")
+        raise ValueError("no CSV given and none in results/")
     for p in paths:
         if not Path(p).is_file():
-            sys.exit(f"error: {p} does not exist")
+            raise ValueError(f"{p} does not exist")
         plot(p)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

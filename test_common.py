@@ -474,6 +474,35 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
     assert [r["epoch"] for r in a] == [0, 1] and a[0]["loss"] is None and a[1]["probe_acc"] is not None
 
 
+AVX2_STEP = """
+import torch, common
+torch.set_num_threads(1)   # one thread: the out-of-bounds write crashes instead of hanging
+cfg = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64, epochs=1,
+                    train_subset=64, eval_every=0, device="cpu")
+rows = common.train_byol(cfg, data=common.make_synthetic(64, 64))
+print("loss", rows[-1]["loss"])
+"""
+
+
+def test_no_avx2_crash_at_a_narrow_width(tmp_path):
+    """Regression: at width 4 the stride-2 1x1 shortcut conv has 4 input channels; in channels_last
+    its weight gradient ran oneDNN's jit_1x1:avx2 kernel, which writes out of bounds (a double
+    free here, a hang with several threads). Capping the ISA at AVX2 picks that kernel on any
+    x86 CPU. Before the fix this subprocess died with SIGABRT."""
+    (tmp_path / "step.py").write_text(AVX2_STEP)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(tmp_path / "step.py")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert math.isfinite(float(r.stdout.split()[-1]))
+
+
+def test_conv_format_channels_last_only_where_safe():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert common.conv_format(cpu, 16) == common.conv_format(cpu, 64) == torch.channels_last
+    assert common.conv_format(cpu, 4) == common.conv_format(cpu, 12) == torch.contiguous_format
+    assert common.conv_format(cuda, 4) == torch.channels_last
+
+
 def test_cpu_training_flushes_denormal_floats():
     """Decayed weights of a collapsed run can underflow into denormals, ~90x slower on a CPU."""
     torch.set_flush_denormal(False)
@@ -506,7 +535,7 @@ SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -523,9 +552,9 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
         assert epochs == list(range(max(epochs) + 1))
         last = [r for r in rows if r["variant"] == v][-1]
         assert last["probe_acc"] != ""
-    # rerunning skips the finished runs instead of duplicating them
+    # rerunning reuses the finished runs instead of duplicating them
     r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0 and "already done" in r.stdout
+    assert r.returncode == 0 and f"reused {len(mod.VARIANTS)} finished run(s)" in r.stdout
     assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
     if script == "exp_bn_anatomy.py":   # its extra figure: accuracy against k, parts as bars
         r = _run([str(ROOT / "plot_results.py"), str(csv_path)], tmp_path)
@@ -533,7 +562,7 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
         assert (tmp_path / "bn_anatomy_smoke_k_parts.png").stat().st_size > 10000
 
 
-def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
+def test_interrupted_run_is_dropped_and_torn_line_repaired_on_disk(tmp_path):
     script = str(ROOT / "exp_table1_norms.py")
     r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -545,10 +574,118 @@ def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
     path.write_text("\n".join(kept) + "\n" + byol_rows[-1][:12])
     r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "torn" in r.stderr and "1 runs already done" in r.stdout
+    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout and "[byol seed 0]" in r.stdout
     rows = list(csv.DictReader(open(path)))
+    assert all(None not in row.values() for row in rows)
     assert sorted(int(r["epoch"]) for r in rows if r["variant"] == "byol") == [0, 1, 2]
     assert len([r for r in rows if r["variant"] == "random"]) == 1
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(None not in r.values() and None not in r for r in rows), "a glued or short line"
+    return rows
+
+
+def test_only_identical_settings_are_reused(tmp_path):
+    """A rerun reuses exactly the finished runs of the same full config; any changed setting
+    trains; the summary shows only the requested runs; --fresh retrains and replaces."""
+    base = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--epochs", "1",
+            "--out", str(tmp_path)]
+    path = tmp_path / "table1_smoke.csv"
+    r = _run(base, tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = _rows(path)
+    r = _run(base, tmp_path)                                  # the same settings: reused
+    assert r.returncode == 0 and "reused 1 finished run(s)" in r.stdout and "epoch   1" not in r.stdout
+    assert _rows(path) == first
+    r = _run(base + ["--set", "lr=0.05"], tmp_path)           # a changed setting: trains
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
+    rows = _rows(path)
+    assert len(rows) == 2 * len(first) and len({row["cfg_hash"] for row in rows}) == 2
+    new = [row for row in rows if row["cfg_hash"] != first[0]["cfg_hash"]]
+    assert {row["cfg_lr"] for row in new} == {"0.05"}
+    # the summary shows the requested run's last epoch, not the other config's
+    summary = r.stdout.split("last epoch")[1]
+    assert f"{float(new[-1]['probe_acc']):.4g}" in summary
+    r = _run(base + ["--epochs", "2"], tmp_path)              # so does another epoch count
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   2" in r.stdout
+    n = len(_rows(path))
+    r = _run(base + ["--fresh"], tmp_path)                    # --fresh: retrains, replaces its rows
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
+    assert len(_rows(path)) == n
+
+
+def test_csv_with_a_torn_tail_or_empty_is_repaired_before_appending(tmp_path):
+    path = tmp_path / "table1_smoke.csv"
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path)]
+    path.write_text("")                                       # an empty file: gets its header
+    r = _run(args + ["--variants", "random"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(_rows(path)) == 1
+    with open(path, "a") as f:                                # a crash mid-append after it finished
+        f.write("table1,random,1,0,,23.4")
+    r = _run(args + ["--variants", "random", "--seeds", "0,1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout
+    rows = _rows(path)
+    assert [row["seed"] for row in rows] == ["0", "1"]
+    assert path.read_text().endswith("\n")
+    r = _run([str(ROOT / "plot_results.py"), str(path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/x")):
+        code, err = _main_in_process(["--smoke", "--out", str(out)], capsys)
+        assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
+    # a read-only CSV (the tests may run as root, for whom chmod does not block writes: fake it)
+    csv_path = tmp_path / "ro" / "table1_smoke.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text("")
+    real = os.access
+    monkeypatch.setattr(common.os, "access", lambda p, mode: False if Path(p) == csv_path else real(p, mode))
+    trained = []
+    monkeypatch.setattr(common, "train_byol", lambda *a, **k: trained.append(1))
+    code, err = _main_in_process(["--smoke", "--out", str(csv_path.parent)], capsys)
+    assert code == 2 and "not a writable file" in err and not trained
+
+
+def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path):
+    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "3",
+            "--out", str(tmp_path)]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in first.stdout:                                 # the first run holds the lock now
+        if line.startswith("[byol seed 0]"):
+            break
+    second = _run(args[1:], tmp_path)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "another run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    rows = _rows(tmp_path / "table1_smoke.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
+    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=ckpt)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
+
+
+def _main_in_process(argv, capsys):
+    """exp_table1_norms.py's main with argv, in this process: (exit code, stderr)."""
+    import exp_table1_norms as t1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.main("table1", t1.__doc__, t1.PRESETS, t1.VARIANTS, t1.BLOG, argv=argv)
+    return e.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -556,14 +693,38 @@ def test_interrupted_run_is_dropped_and_torn_line_ignored(tmp_path):
     (["--epochs", "-1"], "epochs"),
     (["--set", "proj_norm=batch"], "proj_norm"),
     (["--set", "lr=fast"], "not a valid float"),
+    (["--set", "compile=maybe"], "not a bool"),
     (["--seeds", "x"], "--seeds"),
+    (["--seeds", "99999999999"], "--seeds"),
+    (["--seeds", "0,0"], "twice"),
+    (["--seeds", "1,99999999999"], "--seeds"),
     (["--batch-size", "100000"], "batch_size"),
+    (["--batch-size", "1"], "batch_size must be >= 2"),
+    (["--device", "meta"], "--device"),
+    (["--device", "mps"], "--device"),
+    (["--device", "cuda:7"], "--device"),
+    (["--set", "encoder_norm=gn", "--set", "width=40"], "GroupNorm"),
+    (["--set", "lr=nan"], "lr must be finite"),
+    (["--set", "lr=inf"], "lr must be finite"),
+    (["--set", "temperature=0"], "temperature"),
+    (["--set", "momentum=-1"], "momentum"),
+    (["--set", "weight_decay=-1e-4"], "weight_decay"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
-    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), *args], tmp_path)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and message in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_exits_2_with_one_line_as_a_script(tmp_path):
+    """The same from a shell, where a traceback would show."""
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), "--set", "lr=nan"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for args in (["--device", "bogus"], ["--steps", "0"]):
+        r = _run([str(ROOT / "bench.py"), *args], tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "other.csv")], tmp_path)
+    assert r.returncode == 2 and "not a results CSV" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_data_folder_exits_2(tmp_path):
@@ -611,6 +772,11 @@ def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "all.csv")))
     assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
+    torn = tmp_path / "torn.csv"                       # a crash mid-write: the torn line is left out
+    torn.write_text(b.read_text() + "table1,random,9,0,,2")
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(torn), "--out", str(tmp_path / "t.csv")], tmp_path)
+    assert r.returncode == 0 and "torn" in r.stderr
+    assert sorted(r["seed"] for r in _rows(tmp_path / "t.csv")) == ["0", "1", "2"]
     bad = tmp_path / "bad.csv"
     lines = a.read_text().splitlines()
     cells = lines[1].split(",")
@@ -681,7 +847,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def test_two_processes_with_sync_bn_match_one_process(tmp_path):
     """torchrun with gloo: 2 CPU processes x 32 images = the 1-process batch of 64. Two steps
     (one epoch of 128 images). With --sync-bn the epoch's loss equals the single process's to
-    float noise (measured 6e-6 relative; channels_last convolutions sum in a batch-size-dependent
+    float noise (measured 6e-6 relative; convolutions sum in a batch-size-dependent
     order and BYOL's gradient at init amplifies that, so weights are not bitwise equal); with
     per-process BN (statistics over 32) it differs (measured 6e-4). Only rank 0 writes."""
     args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--set", "train_subset=128",
