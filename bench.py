@@ -5,9 +5,10 @@ Measures, for a preset of exp_table1_norms.py (default: cpu on a CPU, cifar10 on
              online + target forward, backward, LARS/SGD step, EMA), images/s
   (b) bound: the same networks' forward + backward on one fixed pre-made pair of views
   (c) aug:   the batched augmentation alone (two views), images/s
-  (d) probe: fitting the linear probe on 50,000 x 512 random-label features, seconds
+  (d) probe: fitting the linear probe on 50,000 x 512 random-label features, seconds: the
+             blog's liblinear fit (probe_s) and the standardized one (probe_std_s)
 and ends with one line per memory format: memory_format=... step_img_s=... bound_img_s=... ratio=...
-aug_img_s=... probe_s=... (--memory-format both: channels_last and NCHW in one run).
+aug_img_s=... probe_s=... probe_std_s=... (--memory-format both: channels_last and NCHW in one run).
 
     python bench.py                      # cpu preset here
     python bench.py --preset cifar10 --steps 50
@@ -105,14 +106,17 @@ def main():
     feats = torch.randn(50000, 512, device=device)
     labels = torch.randint(0, 10, (50000,), device=device)
     t = time.perf_counter()
-    common.fit_logreg(feats, labels, 10, l2=1 / 50000)(feats[:10]).tolist()
+    common.fit_liblinear(feats, labels, 10)(feats[:10]).tolist()
     t_probe = time.perf_counter() - t
+    t = time.perf_counter()
+    common.fit_logreg(feats, labels, 10, l2=1 / 50000)(feats[:10]).tolist()
+    t_probe_std = time.perf_counter() - t
 
     for name in names:
         t_step, t_bound, t_aug = measure(cfg, device, FORMATS[name], args.steps)
         s, b = B / t_step, B / t_bound
         print(f"memory_format={name} step_img_s={s:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} "
-              f"aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f}")
+              f"aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f} probe_std_s={t_probe_std:.2f}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4       # SGD: on every parameter (blog). LARS: not on biases/norms
     lars_eta: float = 1e-3           # LARS trust coefficient
+    lars_form: str = "blog"          # blog: the blog's lars.py, trust eta|w| / (|g| + wd|w|), lr inside
+                                     # the momentum | byol: DeepMind's, eta|w| / |g + wd w|, lr outside
     warmup_epochs: float = 0.0
     schedule_epochs: int = 0         # period of the lr and tau cosines; 0 = epochs. Blog: 320 (runs 10)
     base_tau: float = 0.996          # target EMA rate
@@ -79,11 +81,14 @@ class Config:
     eval_every: int = 1              # probe every N epochs (the last epoch always); 0 = last only
     probe: str = "blog"              # blog: fit on half the test set, score the other half
                                      # standard: fit on the train set, score the test set
+    probe_fit: str = "liblinear"     # liblinear: the blog's sklearn LogisticRegression(solver=
+                                     # "liblinear"), one-vs-rest, C=1, raw features | standardized:
+                                     # multinomial L-BFGS on standardized features (both are logged)
     probe_bn: str = "running"        # running: BN in eval mode as trained | recompute: BN stats
                                      # re-estimated on the probe's fit images first
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
-                                     # (bf16 on this 2-core CPU: 1.57x the fp32 step, README Speed)
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32; the
+                                     # encoders only: projector, predictor, loss, probe are always fp32
     compile: bool = False            # torch.compile the online and target networks
     sync_bn: bool = False            # under torchrun: BN statistics over the global batch (all
                                      # ranks); off: each rank's BN sees batch_size / world samples
@@ -95,6 +100,7 @@ CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagen
                pred_norm=MLP_NORMS, objective=("byol", "contrastive"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
+               probe_fit=("liblinear", "standardized"), lars_form=("blog", "byol"),
                probe_bn=("running", "recompute"), queue_init=("random", "data"),
                precision=("auto", "bf16", "fp32"))
 
@@ -180,7 +186,8 @@ def conv_format(device, width):
 
 
 def use_bf16(cfg, device):
-    """bf16 autocast for the networks (losses, cosines and the probe's fit stay fp32)."""
+    """bf16 autocast for the encoders f (projector, predictor, loss, cosines and the probe stay
+    fp32: in deep collapse 1 - cos is ~1e-7, far below bf16's resolution of ~4e-3)."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
@@ -727,16 +734,21 @@ class BYOL(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def online(self, v):
-        z = self.online_projector(self.online_encoder(v))
-        return z, self.predictor(z)
+        y = self.online_encoder(v)
+        with torch.autocast(v.device.type, enabled=False):   # projector and predictor in fp32
+            z = self.online_projector(y.float())
+            return z, self.predictor(z)
 
     @torch.no_grad()
     def target(self, v):
-        return self.target_projector(self.target_encoder(v))
+        y = self.target_encoder(v)
+        with torch.autocast(v.device.type, enabled=False):
+            return self.target_projector(y.float())
 
     def forward(self, v1, v2):
-        """Returns the loss and detached diagnostics; the loss and cosines are in fp32 (bf16
-        cannot resolve a cosine of 0.9999)."""
+        """Returns the loss and detached diagnostics. Under bf16 autocast only the encoders run in
+        bf16: the projector, predictor, loss and cosines are fp32, since in deep collapse the
+        cosines differ from 1 by ~1e-7 and bf16 rounding would scramble the gradient's direction."""
         z1, p1 = self.online(v1)
         z2, p2 = self.online(v2)
         t1, t2 = self.target(v1), self.target(v2)
@@ -803,12 +815,20 @@ def tau_at(step, total_steps, base_tau, schedule="constant"):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum where groups with lars=True get the layer-wise trust ratio of BYOL's
-    LARS (DeepMind's form): u = g + wd * w; u *= eta * |w| / |u|; buf = m * buf + u; w -= lr * buf.
-    Groups with lars=False are plain SGD with momentum (identical to torch.optim.SGD). The last
-    trust ratio of every adapted parameter stays in state[p]["trust"] for logging."""
+    """SGD with momentum where groups with lars=True get a layer-wise trust ratio. Two forms:
+      byol (DeepMind's BYOL code): u = g + wd w; u *= eta |w| / |u|; buf = m buf + u; w -= lr buf
+      blog (the blog's lars.py):   trust = eta |w| / (|g| + wd |w|); buf = m buf + lr trust (g + wd w);
+                                   w -= buf
+    The norm of the sum against the sum of the norms: for a conv weight in front of a norm layer g
+    is orthogonal to w, and they differ by up to sqrt(2), most where |g| ~ wd |w| (deep collapse).
+    Groups with lars=False are plain SGD with momentum in the same placement of lr (byol: exactly
+    torch.optim.SGD). A zero |w| or denominator gives trust 1. The last trust ratio of every adapted
+    parameter stays in state[p]["trust"] for logging."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=1e-3):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=1e-3, form="byol"):
+        if form not in ("blog", "byol"):
+            raise ValueError(f"LARS form {form!r} is not blog or byol")
+        self.form = form
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=False))
 
     @torch.no_grad()
@@ -817,24 +837,31 @@ class LARS(torch.optim.Optimizer):
             ps = [p for p in g["params"] if p.grad is not None]
             if not ps:
                 continue
-            u = torch._foreach_add([p.grad for p in ps], ps, alpha=g["weight_decay"])
+            grads = [p.grad for p in ps]
+            u = torch._foreach_add(grads, ps, alpha=g["weight_decay"])   # g + wd w
             if g["lars"]:
                 w_norm = torch.stack(torch._foreach_norm(ps))
-                u_norm = torch.stack(torch._foreach_norm(u))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm,
-                                    torch.ones_like(w_norm))
-                trust = trust.unbind()
+                if self.form == "byol":
+                    denom = torch.stack(torch._foreach_norm(u))
+                else:
+                    denom = torch.stack(torch._foreach_norm(grads)) + g["weight_decay"] * w_norm
+                trust = torch.where((w_norm > 0) & (denom > 0), g["eta"] * w_norm / denom,
+                                    torch.ones_like(w_norm)).unbind()
                 torch._foreach_mul_(u, trust)
                 for p, t in zip(ps, trust):
                     self.state[p]["trust"] = t
             bufs = []
-            for p, ui in zip(ps, u):
+            for p in ps:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_mul_(bufs, g["momentum"])
-            torch._foreach_add_(bufs, u)
-            torch._foreach_add_(ps, bufs, alpha=-g["lr"])
+            if self.form == "byol":
+                torch._foreach_add_(bufs, u)
+                torch._foreach_add_(ps, bufs, alpha=-g["lr"])
+            else:
+                torch._foreach_add_(bufs, u, alpha=g["lr"])
+                torch._foreach_sub_(ps, bufs)
 
 
 def lars_applies(name, which):
@@ -904,7 +931,9 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     model = BYOL(cfg).to(device, memory_format=fmt)
     if cfg.sync_bn and n_ranks > 1:
         model = convert_sync_bn(model, device)
-    opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    # plain SGD (the blog's torch.optim.SGD) is LARS without adapted groups, in the byol form
+    opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta,
+               form=cfg.lars_form if cfg.optimizer == "lars" else "byol")
     amp = use_bf16(cfg, device)
     step_fn = model
     if n_ranks > 1:   # the buffers (BN running stats, queue) are kept in step without broadcasts
@@ -949,9 +978,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
         means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
         diverged = means[0] is not None and not math.isfinite(means[0])
         evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and rank == 0 else None
-        row = dict(epoch=epoch, loss=means[0], probe_acc=acc, pos_cos=means[1], neg_cos=means[2],
-                   z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2))
+        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and rank == 0 else {}
+        row = dict(epoch=epoch, loss=means[0], probe_acc=acc.get(cfg.probe_fit), pos_cos=means[1], neg_cos=means[2],
+                   z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
+                   probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"))
         if cfg.optimizer == "lars":
             row.update(lars_lrs(opt, lr))
         rows.append(row)
@@ -1067,23 +1097,83 @@ def lars_lrs(opt, lr):
 
 
 @torch.no_grad()
-def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, amp=False,
-                     fmt=torch.contiguous_format):
-    """Frozen-encoder features of uint8 images, eval mode; the encoder's mode is restored."""
+def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, fmt=torch.contiguous_format):
+    """Frozen-encoder features of uint8 images, eval mode, always fp32 (bf16 would round away the
+    small spread of a collapsing encoder's features); the encoder's mode is restored."""
     was_training = encoder.training
     encoder.eval()
     feats = []
     for i in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[i:i + batch_size].to(device).float() / 255, mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(encoder(x.contiguous(memory_format=fmt)).float())
+        feats.append(encoder(x.contiguous(memory_format=fmt)).float())
     encoder.train(was_training)
     return torch.cat(feats)
 
 
+def fit_liblinear(x, y, num_classes, C=1.0, tol=1e-4, max_iter=100):
+    """The blog's probe: sklearn's LogisticRegression(solver="liblinear") with its defaults, on raw
+    features. One-vs-rest: class k minimizes 0.5 |w_k|^2 + C sum_i log(1 + exp(-y_ik w_k . [x_i, 1]))
+    with y_ik = +-1, the intercept being the weight of a constant feature 1, penalized like the
+    others. Newton's method with conjugate-gradient steps and a backtracking line search, all
+    classes at once, in float64, stopped as liblinear stops (|grad| <= tol min(pos, neg) / n |grad_0|,
+    at most max_iter Newton steps). The objective is strictly convex, so this reaches the optimum
+    liblinear reaches (test_blog_probe_matches_sklearn_liblinear). Returns predict(x) = argmax_k."""
+    def augment(q):
+        return torch.cat([q.double(), torch.ones(len(q), 1, dtype=torch.float64, device=q.device)], 1)
+    X, n = augment(x), len(x)
+    Y = -torch.ones(n, num_classes, dtype=torch.float64, device=x.device)
+    Y[torch.arange(n, device=x.device), y] = 1.0
+    W = torch.zeros(X.shape[1], num_classes, dtype=torch.float64, device=x.device)
+    pos = (Y > 0).sum(0).double()
+    eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1) / n
+
+    def objective(W):   # per class, (K,)
+        return 0.5 * (W * W).sum(0) + C * F.softplus(-Y * (X @ W)).sum(0)
+    f, g0 = objective(W), None
+    for _ in range(max_iter):
+        s = torch.sigmoid(-Y * (X @ W))
+        grad = W - C * (X.T @ (Y * s))
+        g0 = grad.norm(dim=0) if g0 is None else g0
+        active = grad.norm(dim=0) > eps * g0
+        if not active.any():
+            break
+        D = s * (1 - s)
+        d = _conjugate_gradient(lambda V: V + C * (X.T @ (D * (X @ V))), -grad)
+        step, slope = torch.ones_like(f), (grad * d).sum(0)
+        for _ in range(30):   # halve each class's step until it decreases enough (Armijo)
+            ok = objective(W + step * d) <= f + 0.01 * step * slope
+            if ok.all():
+                break
+            step = torch.where(ok, step, step / 2)
+        W = W + torch.where(active, step, torch.zeros_like(step)) * d
+        f = objective(W)
+    return lambda q: (augment(q) @ W).argmax(1)
+
+
+def _conjugate_gradient(hv, b, rtol=0.1, max_iter=250):
+    """Solves hv(d) = b for every column of b at once; a column stops at |residual| <= rtol |b|
+    (liblinear's rule for its Newton steps)."""
+    d, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), (r * r).sum(0)
+    stop = rtol ** 2 * rr
+    for _ in range(max_iter):
+        go = rr > stop
+        if not go.any():
+            break
+        hp = hv(p)
+        alpha = torch.where(go, rr / (p * hp).sum(0), torch.zeros_like(rr))
+        d += alpha * p
+        r -= alpha * hp
+        rr_new = (r * r).sum(0)
+        p = r + torch.where(go, rr_new / rr, torch.zeros_like(rr)) * p
+        rr = rr_new
+    return d
+
+
 def fit_logreg(x, y, num_classes, l2, max_iter=100):
-    """Multinomial logistic regression by full-batch L-BFGS on standardized features.
-    Minimizes mean cross-entropy + l2/2 |W|^2. Returns a predict(x) function."""
+    """The 'standardized' probe: multinomial logistic regression by full-batch L-BFGS on
+    standardized features (scale-invariant, unlike the blog's). Minimizes mean cross-entropy +
+    l2/2 |W|^2. Returns a predict(x) function."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xs = (x - mu) / sd
     w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
@@ -1102,10 +1192,10 @@ def fit_logreg(x, y, num_classes, l2, max_iter=100):
 
 
 def linear_probe(encoder, data, cfg, device):
-    """Linear evaluation accuracy (%) of frozen encoder features (y, before the projector).
-    blog: fit on the first half of the test set, score on the second half (the blog's protocol,
-    sklearn LogisticRegression with C=1; we use l2 = 1/n_fit, the same strength per sample, on
-    standardized features). standard: fit on the train set, score on the test set."""
+    """Linear evaluation accuracy (%) of frozen fp32 encoder features (y, before the projector),
+    by both fits: {"liblinear": the blog's (fit_liblinear), "standardized": fit_logreg with
+    l2 = 1/n_fit}. cfg.probe picks the split. blog: fit on the first half of the test set, score
+    on the second half (the blog's protocol). standard: fit on the train set, score on the test set."""
     mean, std = mean_std(cfg.dataset, device)
     if cfg.probe == "blog":
         half = len(data["test_x"]) // 2
@@ -1116,12 +1206,14 @@ def linear_probe(encoder, data, cfg, device):
     if cfg.probe_bn == "recompute":
         encoder = recompute_bn_stats(encoder, fit_x, mean, std, device)
     fmt = conv_format(device, cfg.width)
-    f_fit = extract_features(encoder, fit_x, mean, std, device, amp=use_bf16(cfg, device), fmt=fmt)
-    f_val = extract_features(encoder, val_x, mean, std, device, amp=use_bf16(cfg, device), fmt=fmt)
+    f_fit = extract_features(encoder, fit_x, mean, std, device, fmt=fmt)
+    f_val = extract_features(encoder, val_x, mean, std, device, fmt=fmt)
     if not (torch.isfinite(f_fit).all() and torch.isfinite(f_val).all()):
-        return float("nan")   # the encoder blew up (finite loss is possible: cosines of huge z)
-    predict = fit_logreg(f_fit, fit_y.to(device), int(data["test_y"].max()) + 1, l2=1.0 / len(f_fit))
-    return 100.0 * (predict(f_val) == val_y.to(device)).float().mean().item()
+        # the encoder blew up (finite loss is possible: cosines of huge z)
+        return dict(liblinear=float("nan"), standardized=float("nan"))
+    fit_y, val_y, k = fit_y.to(device), val_y.to(device), int(data["test_y"].max()) + 1
+    fits = dict(liblinear=fit_liblinear(f_fit, fit_y, k), standardized=fit_logreg(f_fit, fit_y, k, l2=1.0 / len(f_fit)))
+    return {name: 100.0 * (predict(f_val) == val_y).float().mean().item() for name, predict in fits.items()}
 
 
 @torch.no_grad()
@@ -1155,12 +1247,13 @@ CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, 
 # each): what collapses early can show, recoveries at epoch 10-100 cannot.
 APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
                     "cpu": dict(CPU_SMALL, train_subset=5000, epochs=8, eval_every=2, schedule_epochs=320)}
-# LARS as in the BYOL paper (section 3.3 and DeepMind's config): trust 1e-3, weight decay 1.5e-6
-# off biases and norms, tau 0.996 -> 1 on a per-step cosine
-LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine")
+# LARS with the BYOL paper's settings (section 3.3 and DeepMind's config: trust 1e-3, weight decay
+# 1.5e-6 off biases and norms, tau 0.996 -> 1 on a per-step cosine), run through the blog's own LARS
+# update (lars_form="blog": the blog's appendix runs used its lars.py; see LARS)
+LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine", lars_form="blog")
 
 COLUMNS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std",
-           "lr", "tau", "wall_s"]
+           "lr", "tau", "wall_s", "probe_liblinear", "probe_standardized"]
 # --smoke: seconds on synthetic data, same code path and CSV shape (what CI runs)
 SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
              epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
@@ -1463,16 +1556,18 @@ def print_summary(rows, names, blog):
             last[key] = r
 
     def ms(name, col):
-        vals = [float(r[col]) for (v, _), r in last.items() if v == name and r[col] not in ("", None)]
+        vals = [float(r[col]) for (v, _), r in last.items() if v == name and r.get(col) not in ("", None)]
         if not vals:
             return "-"
         return f"{np.mean(vals):.4g} +- {np.std(vals):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
     epochs = sorted({int(r["epoch"]) for r in last.values()})
-    print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s):")
-    print(f"{'variant':<22}{'probe_acc':>18}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
+    print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s); "
+          f"probe_acc is the blog's liblinear fit unless probe_fit says otherwise, std_probe the standardized fit:")
+    print(f"{'variant':<22}{'probe_acc':>16}{'std_probe':>16}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
     for name in names:
         ref = blog.get(name, "")
-        print(f"{name:<22}{ms(name, 'probe_acc'):>18}{ms(name, 'pos_cos'):>20}{ms(name, 'neg_cos'):>20}   {ref}")
+        print(f"{name:<22}{ms(name, 'probe_acc'):>16}{ms(name, 'probe_standardized'):>16}{ms(name, 'pos_cos'):>20}"
+              f"{ms(name, 'neg_cos'):>20}   {ref}")
 
 
 def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variants=None, argv=None):

@@ -18,8 +18,11 @@ the BN-MLP control does not. The recoveries (LARS lr 0.2 over tens of epochs, WS
 Choices where the blog is silent (SPEC.md section 7): GroupNorm with 32 groups (one per channel
 below 32 channels) and no weight standardization except in ws_sgd_no_mlp_bn; SGD runs use the
 Table 1 SGD settings (lr 0.8, wd 1e-4 on all params); LARS runs use the BYOL paper's settings
-(common.LARS_BYOL: trust 1e-3, wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine), no warmup
-(the blog's LARS code had none in effect) and the lr named. The lr values are absolute, not
+(common.LARS_BYOL: trust 1e-3, wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's
+LARS form (its lars.py: trust = eta |w| / (|g| + wd |w|), lr inside the momentum; --set
+lars_form=byol gives DeepMind's), no warmup (the blog's LARS code had none in effect) and the lr
+named. The probe is the blog's (sklearn liblinear on raw features, common.fit_liblinear); the
+standardized fit is logged beside it (probe_standardized). The lr values are absolute, not
 scaled by batch size, in every preset.
 """
 import common

@@ -23,7 +23,9 @@ the layer1 LARS lr grows as the network collapses. The cpu preset shows the firs
 run 60 epochs (--epochs 60), bn_sgd_no_mlp_bn is still collapsed at the end (README, 'Longer runs').
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
-wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine), no warmup (as the blog's LARS code in
+wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
+eta |w| / (|g| + wd |w|), the formula the appendix quotes, with lr inside the momentum; --set
+lars_form=byol gives DeepMind's eta |w| / |g + wd w|), no warmup (as the blog's LARS code in
 effect), lr 0.2 unless named; in the partial-LARS variants the other weights get plain SGD
 with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 32 groups.
 """

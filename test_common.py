@@ -233,6 +233,33 @@ def test_lars_step_matches_hand_computation():
     assert torch.allclose(w, before - 2.0 * buf, atol=1e-6)
 
 
+def test_lars_blog_form_matches_hand_computation():
+    """The blog's lars.py: trust = eta |w| / (|g| + wd |w|), and lr x trust inside the momentum."""
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))          # |w| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    g = torch.tensor([[0.8, -0.6]])                        # orthogonal to w, as in front of a norm layer
+    w.grad, b.grad = g.clone(), torch.tensor([0.5])
+    opt = common.LARS([dict(params=[w], lars=True, weight_decay=0.1),
+                       dict(params=[b], lars=False, weight_decay=0.0)], lr=2.0, momentum=0.9, eta=0.01,
+                      form="blog")
+    opt.step()
+    trust = 0.01 * 5.0 / (1.0 + 0.1 * 5.0)                # |g| = 1: 0.01 * 5 / 1.5
+    u = g + 0.1 * torch.tensor([[3.0, 4.0]])
+    assert opt.state[w]["trust"].item() == pytest.approx(trust)
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0]]) - 2.0 * trust * u)
+    assert b.item() == pytest.approx(1.0 - 2.0 * 0.5)
+    # DeepMind's form divides by |g + wd w| = sqrt(1 + 0.25) instead: a different trust here
+    assert 0.01 * 5.0 / u.norm().item() == pytest.approx(trust * 1.5 / 1.25 ** 0.5)
+    # second step with another lr: the old buffer keeps the lr it was made with
+    opt.param_groups[0]["lr"] = 1.0
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    u2 = g + 0.1 * before
+    trust2 = 0.01 * before.norm() / (g.norm() + 0.1 * before.norm())
+    assert torch.allclose(w, before - (0.9 * 2.0 * trust * u + 1.0 * trust2 * u2), atol=1e-6)
+
+
 def test_lars_without_adaptation_equals_torch_sgd():
     torch.manual_seed(0)
     a, b = nn.Linear(5, 3), nn.Linear(5, 3)
@@ -385,6 +412,37 @@ def test_logreg_recovers_a_known_linear_signal():
     assert (shuffled(x[2000:]) == y[2000:]).float().mean().item() < 0.4
 
 
+def test_blog_probe_matches_sklearn_liblinear():
+    """fit_liblinear against the blog's own instrument (sklearn liblinear, one-vs-rest, C=1, raw
+    features) on healthy features and on collapsed ones (a constant plus 1e-3 x the signal),
+    where the standardized fit sees through the collapse and the blog's does not."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier   # sklearn >= 1.7 no longer does OvR by itself
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(4000, 64, generator=g)
+    y = (signal @ torch.randn(64, 10, generator=g) + 2 * torch.randn(4000, 10, generator=g)).argmax(1)
+    healthy = torch.relu(signal + 0.5)
+    collapsed = torch.rand(64, generator=g) * 2 + 1e-3 * signal
+    accs = {}
+    for name, x in (("healthy", healthy), ("collapsed", collapsed)):
+        ours = common.fit_liblinear(x[:2000], y[:2000], 10)
+        acc = 100 * (ours(x[2000:]) == y[2000:]).double().mean().item()
+        sk = OneVsRestClassifier(LogisticRegression(solver="liblinear", max_iter=100)).fit(x[:2000].numpy(), y[:2000].numpy())
+        assert abs(acc - 100 * (sk.predict(x[2000:].numpy()) == y[2000:].numpy()).mean()) <= 1.0, name
+        std = common.fit_logreg(x[:2000], y[:2000], 10, l2=1 / 2000)
+        accs[name] = acc, 100 * (std(x[2000:]) == y[2000:]).double().mean().item()
+    assert accs["healthy"][0] > 40 and accs["collapsed"][0] < 20      # raw features: collapse shows
+    assert accs["collapsed"][1] > 40                                   # standardized: scale-invariant
+
+
+def test_probe_features_are_fp32_under_bf16():
+    data = common.make_synthetic(64, 256)
+    enc = common.BYOL(SMALL).online_encoder
+    cpu = torch.device("cpu")
+    fp32 = common.linear_probe(enc, data, dataclasses.replace(SMALL, precision="fp32"), cpu)
+    assert common.linear_probe(enc, data, dataclasses.replace(SMALL, precision="bf16"), cpu) == fp32
+
+
 def test_probe_does_not_touch_the_encoder():
     data = common.make_synthetic(64, 64)
     model = common.BYOL(SMALL)
@@ -394,7 +452,7 @@ def test_probe_does_not_touch_the_encoder():
     for probe_bn in ("running", "recompute"):
         cfg = dataclasses.replace(SMALL, probe_bn=probe_bn)
         acc = common.linear_probe(enc, data, cfg, torch.device("cpu"))
-        assert 0 <= acc <= 100
+        assert set(acc) == {"liblinear", "standardized"} and all(0 <= a <= 100 for a in acc.values())
         assert enc.training
         for k, v in enc.state_dict().items():
             assert torch.equal(v, before[k]), k
@@ -826,12 +884,15 @@ def test_lars_lr_logging_covers_only_adapted_weights():
         model.zero_grad()
 
 
-def test_bf16_autocast_keeps_loss_and_cosines_in_fp32():
+def test_bf16_autocast_runs_only_the_encoders_in_bf16():
     model = common.BYOL(SMALL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
-        z, _ = model.online(torch.randn(8, 3, 32, 32))
-    assert z.dtype == torch.bfloat16                      # the networks do run in bf16
+        y = model.online_encoder(torch.randn(8, 3, 32, 32))
+        z, p = model.online(torch.randn(8, 3, 32, 32))
+        t = model.target(torch.randn(8, 3, 32, 32))
+    assert y.dtype == torch.bfloat16                      # the encoders do run in bf16
+    assert z.dtype == p.dtype == t.dtype == torch.float32   # projector and predictor do not
     assert all(out[k].dtype == torch.float32 for k in ("loss", "pos_cos", "neg_cos", "z_std"))
     cpu = torch.device("cpu")
     assert not common.use_bf16(SMALL, cpu) and common.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
