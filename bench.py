@@ -20,7 +20,8 @@ import time
 import torch
 
 import common
-from exp_table1_norms import PRESETS
+
+PRESETS = common.TABLE1_PRESETS
 
 
 def timed(fn, steps, device, warmup=2):

@@ -13,11 +13,13 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,54 +43,56 @@ from torch.nn.parallel import DistributedDataParallel
 @dataclass(frozen=True)
 class Config:
     # data
-    dataset: str = "cifar10"         # cifar10 | stl10 | synthetic
+    dataset: str = "cifar10"         # stl10: the blog's; synthetic: tiny, for tests and --smoke
     data_dir: str = ""               # "" = $BYOL_DATA, ./data, ../shared/data (first that has it)
     train_subset: int = 0            # pretrain on the first N training images (0 = all)
     # encoder f: ResNet-18
-    stem: str = "cifar"              # cifar (3x3 conv, no maxpool) | imagenet (7x7/2 conv + maxpool)
+    stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
-    encoder_norm: str = "bn"         # bn | gn | gn_ws (GroupNorm + weight standardization) | none
+    encoder_norm: str = "bn"         # gn_ws: GroupNorm + weight standardization
     # projector g and predictor q: Linear -> norm -> ReLU -> Linear
-    proj_norm: str = "bn"            # none | bn | ln | gn | gn_ws | bn_noaffine | bn_center | bn_scale
-    pred_norm: str = "bn"            # (the last four: see BatchNormParts, exp_bn_anatomy.py)
+    proj_norm: str = "bn"            # bn_noaffine, bn_center, bn_scale: BN's parts (BatchNormParts)
+    pred_norm: str = "bn"            # the same choices, for the predictor
     mlp_bn_group: int = 0            # BN-type MLP norms: statistics over groups of k samples of
                                      # the batch (ghost BN); 0 = the whole batch
     mlp_hidden_dim: int = 512
     proj_dim: int = 128
+    proj_layers: int = 2             # Linear layers of the projector g (0 = identity, z = y)
+    pred_layers: int = 2             # ... of the predictor q (0 = identity: BYOL without a predictor)
     # loss
-    objective: str = "byol"          # byol (1 - cos, both view orders) | contrastive (InfoNCE, queue)
+    objective: str = "byol"          # byol: 1 - cos, both view orders; contrastive: InfoNCE + queue
     temperature: float = 0.2         # contrastive only
     queue_size: int = 65536          # contrastive only: number of stored target projections
-    queue_init: str = "random"       # contrastive only: random unit vectors (the blog's MoCo code) |
+    queue_init: str = "random"       # contrastive only: random unit vectors (the blog's MoCo code);
                                      # data: target projections of real images (see fill_queue_)
     # optimization
-    optimizer: str = "sgd"           # sgd | lars
-    lars_params: str = "all"         # weights LARS adapts: all | layer12 (encoder layer1+2) | mlp
+    optimizer: str = "sgd"           # sgd: the blog's torch.optim.SGD; lars: see LARS
+    lars_params: str = "all"         # weights LARS adapts; layer12: encoder layer1+2; mlp: g and q
     lr: float = 0.8                  # absolute (not scaled by batch size), as in the blog
     momentum: float = 0.9
     weight_decay: float = 1e-4       # SGD: on every parameter (blog). LARS: not on biases/norms
     lars_eta: float = 1e-3           # LARS trust coefficient
     lars_form: str = "blog"          # blog: the blog's lars.py, trust eta|w| / (|g| + wd|w|), lr inside
-                                     # the momentum | byol: DeepMind's, eta|w| / |g + wd w|, lr outside
+                                     # the momentum; byol: DeepMind's, eta|w| / |g + wd w|, lr outside
     warmup_epochs: float = 0.0
     schedule_epochs: int = 0         # period of the lr and tau cosines; 0 = epochs. Blog: 320 (runs 10)
     base_tau: float = 0.996          # target EMA rate
-    tau_schedule: str = "constant"   # constant (blog) | cosine (BYOL paper, per step, to 1)
+    tau_schedule: str = "constant"   # constant: the blog's; cosine: BYOL paper's, per step, to 1
     # run
     epochs: int = 10
     batch_size: int = 256
     seed: int = 0
     eval_every: int = 1              # probe every N epochs (the last epoch always); 0 = last only
-    probe: str = "blog"              # blog: fit on half the test set, score the other half
+    probe: str = "blog"              # blog: fit on half the test set, score the other half;
                                      # standard: fit on the train set, score the test set
     probe_fit: str = "liblinear"     # liblinear: the blog's sklearn LogisticRegression(solver=
-                                     # "liblinear"), one-vs-rest, C=1, raw features | standardized:
+                                     # "liblinear"), one-vs-rest, C=1, raw features; standardized:
                                      # multinomial L-BFGS on standardized features (both are logged)
-    probe_bn: str = "running"        # running: BN in eval mode as trained | recompute: BN stats
+    probe_bn: str = "running"        # running: BN in eval mode as trained; recompute: BN stats
                                      # re-estimated on the probe's fit images first
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32; the
-                                     # encoders only: projector, predictor, loss, probe are always fp32
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere; for the encoders
+                                     # only: projector, predictor, loss, probe are always fp32
     compile: bool = False            # torch.compile the online and target networks
     sync_bn: bool = False            # under torchrun: BN statistics over the global batch (all
                                      # ranks); off: each rank's BN sees batch_size / world samples
@@ -119,7 +123,7 @@ def check_config(cfg):
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
         raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
-    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size"):
+    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
@@ -703,13 +707,19 @@ def mlp_norm(kind, dim, bn_group=0):
     raise UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
 
 
-def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0):
-    """Projector / predictor: Linear -> norm -> ReLU -> Linear; norm after the first Linear
-    only, as in the blog's Figure 'byol_arch' (and the BYOL paper). gn_ws: the Linear before
-    the GroupNorm is weight-standardized, as each conv before a norm is in a gn_ws encoder."""
-    first = WSLinear if norm == "gn_ws" else nn.Linear
-    return nn.Sequential(first(in_dim, hidden_dim), mlp_norm(norm, hidden_dim, bn_group),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2):
+    """Projector / predictor, as the blog's utils.MLP: num_layers 0 = identity, 1 = one Linear,
+    n >= 2 = (Linear -> norm -> ReLU) x (n - 1) -> Linear. The norm follows every hidden Linear,
+    never the last (the blog's Figure 'byol_arch', the BYOL paper). gn_ws: the Linear before each
+    GroupNorm is weight-standardized, as each conv before a norm is in a gn_ws encoder."""
+    if num_layers == 0:
+        return nn.Identity()
+    layers, dim = [], in_dim
+    for _ in range(num_layers - 1):
+        first = WSLinear if norm == "gn_ws" else nn.Linear
+        layers += [first(dim, hidden_dim), mlp_norm(norm, hidden_dim, bn_group), nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
 
 
 class BYOL(nn.Module):
@@ -723,8 +733,10 @@ class BYOL(nn.Module):
         super().__init__()
         self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm)
         y_dim = self.online_encoder.out_dim
-        self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.proj_norm, cfg.mlp_bn_group)
-        self.predictor = build_mlp(cfg.proj_dim, cfg.mlp_hidden_dim, cfg.proj_dim, cfg.pred_norm, cfg.mlp_bn_group)
+        z_dim = cfg.proj_dim if cfg.proj_layers else y_dim   # no projector: z = y
+        self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, z_dim, cfg.proj_norm, cfg.mlp_bn_group,
+                                          cfg.proj_layers)
+        self.predictor = build_mlp(z_dim, cfg.mlp_hidden_dim, z_dim, cfg.pred_norm, cfg.mlp_bn_group, cfg.pred_layers)
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
         self.objective, self.temperature = cfg.objective, cfg.temperature
@@ -796,8 +808,10 @@ def collapse_stats(z1, z2, t1, t2):
 
 @torch.no_grad()
 def ema_update_(target, online, tau):
-    """target <- tau * target + (1 - tau) * online, on parameters; buffers (BN running stats)
-    are copied. tau=1 leaves the target unchanged, tau=0 copies the online network."""
+    """target <- tau * target + (1 - tau) * online, on parameters: tau=1 leaves them unchanged,
+    tau=0 copies the online ones. Buffers (BN running statistics) are copied at every tau. They
+    never reach a result: the target only runs in training mode, where BN normalizes with the
+    batch's own statistics (the blog's code leaves them alone instead)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
     buffers = list(target.buffers())
     if buffers:
@@ -872,17 +886,23 @@ def lars_applies(name, which):
     return name.startswith(("online_projector.", "predictor."))   # "mlp"
 
 
-def param_groups(model, cfg):
+def param_groups(model, cfg, lr_mult=None):
     """SGD (blog): weight decay on every parameter, biases and BN included. LARS (BYOL paper):
     biases and norm parameters (the 1-D ones) get neither adaptation nor weight decay; with
-    lars_params = layer12 or mlp, only those weights are adapted, the rest is plain SGD."""
+    lars_params = layer12 or mlp, only those weights are adapted, the rest is plain SGD.
+    lr_mult: {parameter-name prefix: factor}, e.g. {"predictor.": 10} for SimSiam's / DirectPred's
+    faster predictor; such a group carries lr_mult (the loop sets its lr to factor x the schedule's
+    lr and logs it as lr:<prefix>) and label."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lars = cfg.optimizer == "lars" and p.ndim > 1 and lars_applies(name, cfg.lars_params)
         wd = 0.0 if (cfg.optimizer == "lars" and p.ndim == 1) else cfg.weight_decay
-        g = groups.setdefault((lars, wd), dict(params=[], names=[], lars=lars, weight_decay=wd))
+        prefix = next((k for k in (lr_mult or {}) if name.startswith(k)), None)
+        g = groups.setdefault((lars, wd, prefix), dict(params=[], names=[], lars=lars, weight_decay=wd))
+        if prefix is not None:
+            g.update(lr_mult=float(lr_mult[prefix]), label=prefix.rstrip("."))
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
@@ -901,13 +921,17 @@ def lr_at(step, steps_per_epoch, cfg):
 # ======================================================================= training loop
 
 
-def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
+def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None):
     """Pretrains BYOL per cfg; returns one dict per epoch (epoch 0 = the untrained network):
-    epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, lr, tau, wall_s.
+    epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, lr, tau, wall_s,
+    probe_liblinear, probe_standardized (and lars_lr:*, lr:* where they apply).
     on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load.
     checkpoint: a file path; the state after every epoch is saved there, and a run that finds a
     checkpoint of the same config continues from it (rows before it are passed to on_epoch
-    again), giving the same numbers as an uninterrupted run."""
+    again), giving the same numbers as an uninterrupted run.
+    Your own pieces, without editing this file: model_fn(cfg) -> a module with BYOL's attributes
+    and forward (default BYOL); groups_fn(model, cfg) -> optimizer parameter groups (default
+    param_groups; a group may carry lr_mult and label, see param_groups)."""
     check_config(cfg)
     set_seed(cfg.seed)
     rank, n_ranks = world()
@@ -928,11 +952,11 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
     mean, std = mean_std(cfg.dataset, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)   # the same on every rank
     fmt = conv_format(device, cfg.width)
-    model = BYOL(cfg).to(device, memory_format=fmt)
+    model = (model_fn or BYOL)(cfg).to(device, memory_format=fmt)
     if cfg.sync_bn and n_ranks > 1:
         model = convert_sync_bn(model, device)
     # plain SGD (the blog's torch.optim.SGD) is LARS without adapted groups, in the byol form
-    opt = LARS(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta,
+    opt = LARS((groups_fn or param_groups)(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta,
                form=cfg.lars_form if cfg.optimizer == "lars" else "byol")
     amp = use_bf16(cfg, device)
     step_fn = model
@@ -968,7 +992,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
                 x = pretrain[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
                 lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
                 out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part, fmt), tau, amp)
                 sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
                 step += 1
@@ -983,7 +1007,9 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None):
                    z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
                    probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"))
         if cfg.optimizer == "lars":
-            row.update(lars_lrs(opt, lr))
+            row.update(lars_lrs(opt))
+        row.update({f"lr:{g.get('label', i)}": None if lr is None else lr * g["lr_mult"]
+                    for i, g in enumerate(opt.param_groups) if g.get("lr_mult", 1.0) != 1.0})
         rows.append(row)
         if checkpoint and epoch < cfg.epochs and rank == 0:
             save_checkpoint(checkpoint, cfg, model, opt, gen, rows, step)
@@ -1086,10 +1112,10 @@ LARS_LOGGED = {"online_encoder.conv1.weight": "encoder.conv1",
 LARS_LR_COLUMNS = [f"lars_lr:{k}" for k in LARS_LOGGED.values()]
 
 
-def lars_lrs(opt, lr):
-    """Effective LARS lr (lr x trust ratio, at the last step) of the LARS_LOGGED weights."""
-    return {f"lars_lr:{LARS_LOGGED[name]}": lr * opt.state[p]["trust"].item()
-            for g in opt.param_groups for name, p in zip(g["names"], g["params"])
+def lars_lrs(opt):
+    """Effective LARS lr (the group's lr x trust ratio, at the last step) of the LARS_LOGGED weights."""
+    return {f"lars_lr:{LARS_LOGGED[name]}": g["lr"] * opt.state[p]["trust"].item()
+            for g in opt.param_groups for name, p in zip(g.get("names", []), g["params"])
             if name in LARS_LOGGED and "trust" in opt.state[p]}
 
 
@@ -1245,6 +1271,12 @@ CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, 
 # The appendix scripts' presets: 320 epochs, as the blog's appendix runs. cpu: the first 8 epochs
 # of that 320-epoch schedule (lr and tau as at the start of a long run) on 5k images (78 steps
 # each): what collapses early can show, recoveries at epoch 10-100 cannot.
+# Table 1's presets (10 epochs of the blog's 320-epoch schedule), shared by every script built on
+# Table 1 (exp_table1_norms.py, exp_bn_anatomy.py, bench.py, examples/). cpu: 12 epochs, lr 0.1 and
+# tau 0.99 (a faster target) for the short horizon (results/tuning/README.md).
+TABLE1_PRESETS = {"blog": dict(BLOG_STL10, epochs=10, schedule_epochs=320),
+                  "cifar10": dict(CIFAR10_GPU, epochs=10, schedule_epochs=320),
+                  "cpu": dict(CPU_SMALL, epochs=12, schedule_epochs=320)}
 APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
                     "cpu": dict(CPU_SMALL, train_subset=5000, epochs=8, eval_every=2, schedule_epochs=320)}
 # LARS with the BYOL paper's settings (section 3.3 and DeepMind's config: trust 1e-3, weight decay
@@ -1259,8 +1291,25 @@ SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch
              epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
 
 
+def config_help():
+    """--help's list of Config fields, read from the Config class itself (its comments are the one
+    place the fields are documented), with the values check_config allows (CHOICES)."""
+    out = ["Config fields (--set KEY=VALUE, or a variant's overrides):"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        field = re.match(r"    (\w+): \w+ = (.+?)\s*(?:#\s*(.*))?$", line)
+        if field:
+            allowed = f" [{'|'.join(CHOICES[field[1]])}]" if field[1] in CHOICES else ""
+            out.append(f"  {field[1]} = {field[2]}{allowed}  {field[3] or ''}".rstrip())
+        elif re.match(r" {8,}#", line):   # a comment continued under the previous field's
+            out.append(" " * 6 + line.strip().lstrip("#").strip())
+        elif line.strip().startswith("#"):   # a group heading
+            out.append(f" {line.strip().lstrip('#').strip()}:")
+    return "\n".join(out)
+
+
 def get_parser(doc, presets, variants):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, epilog=config_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     p.add_argument("--seeds", type=str, default="1",
@@ -1349,24 +1398,33 @@ def build_configs(args, presets, variants, extra_variants=None):
         cli["batch_size"] = args.batch_size
     configs = {}
     for v in dict.fromkeys(names):
-        over = dict(variants[v])
+        over = {k: x for k, x in variants[v].items() if k not in HOOKS}
         # a variant that never trains (random init) keeps epochs=0 whatever --epochs says
-        fields = {**base, **over, **{k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}}
-        configs[v] = check_config(Config(**fields))
+        used = {k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}
+        for k in used:
+            if k in over and used[k] != over[k]:
+                print(f"warning: --set {k}={used[k]} replaces variant {v}'s own {k}={over[k]}", file=sys.stderr)
+        configs[v] = check_config(Config(**{**base, **over, **used}))
     return ("smoke" if args.smoke else preset), configs, cli
 
 
-def config_hash(cfg, n_ranks=1):
+# A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
+HOOKS = ("model_fn", "groups_fn")
+
+
+def config_hash(cfg, n_ranks=1, hooks=None):
     """12 hex digits naming every setting that changes a run's results: all Config fields but
     the seed (its own column), where the data lives, the device name and compile; precision
     'auto' is resolved (bf16 on CUDA, fp32 elsewhere), and the process count is added under
-    torchrun (BN batches are per process). A CSV row with the same hash, variant, seed and final
+    torchrun (BN batches are per process), and the names of a variant's hooks. A CSV row with the same hash, variant, seed and final
     epoch is a finished run of exactly these settings."""
     d = _resumable(cfg)
     del d["seed"]
     d["precision"] = "bf16" if use_bf16(cfg, get_device(cfg.device)) else "fp32"
     if n_ranks > 1:
         d["processes"] = n_ranks
+    if hooks:   # a script's own model or parameter groups, by name
+        d["hooks"] = {k: f"{fn.__module__}.{fn.__qualname__}" for k, fn in hooks.items()}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -1473,11 +1531,12 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     requested runs beside the blog's numbers."""
     preset, configs, cli = build_configs(args, presets, variants, extra_variants)
     variants = {**variants, **(extra_variants or {})}
+    hooks = {name: {k: variants[name][k] for k in HOOKS if k in variants[name]} for name in configs}
     seeds = parse_seeds(args.seeds)
-    over_keys = sorted({k for v in variants.values() for k in v})
+    over_keys = sorted({k for v in variants.values() for k in v if k not in HOOKS})
     header = COLUMNS + list(extra_columns) + ["cfg_hash"] + [f"cfg_{k}" for k in over_keys]
     rank, n_ranks = world()
-    hashes = {name: config_hash(cfg, n_ranks) for name, cfg in configs.items()}
+    hashes = {name: config_hash(cfg, n_ranks, hooks[name]) for name, cfg in configs.items()}
     wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
     path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
     done = set()
@@ -1516,9 +1575,10 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 if (name, seed) in done:
                     continue
                 cfg = dataclasses.replace(cfg, seed=seed)
-                shown = {k: getattr(cfg, k) for k in {**variants[name], **cli}}   # the values actually used
-                print(f"[{name} seed {seed}] {', '.join(f'{k}={v}' for k, v in shown.items()) or 'preset settings'}"
-                      f"  (cfg_hash {hashes[name]})")
+                # the values actually used, and the variant's own pieces
+                shown = [f"{k}={getattr(cfg, k)}" for k in {**variants[name], **cli} if k not in HOOKS]
+                shown += [f"{k}={fn.__name__}" for k, fn in hooks[name].items()]
+                print(f"[{name} seed {seed}] {', '.join(shown) or 'preset settings'}  (cfg_hash {hashes[name]})")
                 buffer = []
 
                 def log(row, name=name, seed=seed, cfg=cfg):
@@ -1531,7 +1591,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                     if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
                         save_run(path, header, buffer, replace=args.fresh)
                 ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
-                rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt)
+                rows = train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt, **hooks[name])
                 if rank == 0:
                     if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
                         save_run(path, header, buffer, replace=args.fresh)

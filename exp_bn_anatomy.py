@@ -43,9 +43,8 @@ in the MLPs, GN has 32 groups (16 features each) and WS standardizes the Linear 
 import common
 
 PRESETS = {
-    "blog": dict(common.BLOG_STL10, epochs=10, schedule_epochs=320),
-    "cifar10": dict(common.CIFAR10_GPU, epochs=10, schedule_epochs=320),
-    "cpu": dict(common.CPU_SMALL, train_subset=5000, epochs=6, eval_every=3, schedule_epochs=320),
+    **common.TABLE1_PRESETS,
+    "cpu": dict(common.TABLE1_PRESETS["cpu"], train_subset=5000, epochs=6, eval_every=3),
 }
 
 GROUP_SIZES = (2, 4, 8, 32)

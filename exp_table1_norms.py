@@ -34,12 +34,7 @@ statistics on the probe's images first (not in the default grid: pass --variants
 """
 import common
 
-PRESETS = {
-    "blog": dict(common.BLOG_STL10, epochs=10, schedule_epochs=320),
-    "cifar10": dict(common.CIFAR10_GPU, epochs=10, schedule_epochs=320),
-    # cpu: lr 0.1 and tau 0.99 (a faster target) for the short horizon; results/tuning/README.md
-    "cpu": dict(common.CPU_SMALL, epochs=12, schedule_epochs=320),
-}
+PRESETS = common.TABLE1_PRESETS   # blog / cifar10: 10 of 320 epochs; cpu: 12 of 320 epochs, 10k images
 
 # contrastive: the blog's "xent" config, lr 0.02 (SPEC.md section 2)
 VARIANTS = {

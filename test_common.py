@@ -48,6 +48,52 @@ def test_mlp_shapes_and_norm_after_first_linear_only(norm):
     assert type(ghost) is parts and ghost.group == 4 and ghost.weight is not None
 
 
+def test_mlp_depth_as_the_blogs_mlp():
+    assert isinstance(common.build_mlp(16, 32, 16, "bn", num_layers=0), nn.Identity)
+    one = common.build_mlp(16, 32, 8, "bn", num_layers=1)
+    assert [type(m) for m in one] == [nn.Linear] and one[0].out_features == 8
+    three = common.build_mlp(16, 32, 8, "ln", num_layers=3)
+    assert [type(m) for m in three] == [nn.Linear, nn.LayerNorm, nn.ReLU] * 2 + [nn.Linear]
+    assert three(torch.randn(4, 16)).shape == (4, 8)
+    # no predictor: p = z, and the loss still gets gradients through the projector
+    model = common.BYOL(dataclasses.replace(SMALL, pred_layers=0))
+    z, p = model.online(torch.randn(8, 3, 32, 32))
+    assert p is z and not list(model.predictor.parameters())
+    model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))["loss"].backward()
+    assert model.online_projector[0].weight.grad.abs().sum() > 0
+    # no projector: z = y, the predictor maps y's dims
+    model = common.BYOL(dataclasses.replace(SMALL, proj_layers=0))
+    assert model.online(torch.randn(8, 3, 32, 32))[1].shape == (8, model.online_encoder.out_dim)
+
+
+def test_a_script_supplies_its_own_parameter_groups_and_model():
+    """groups_fn with an lr multiplier: the predictor's lr is 10x the schedule's at every step,
+    and logged; model_fn replaces the model (here: a BYOL with a frozen predictor)."""
+    data = common.make_synthetic(128, 64)
+    cfg = dataclasses.replace(SMALL, epochs=2, eval_every=0, lr=0.2, schedule_epochs=4)
+
+    def fast(model, cfg):
+        return common.param_groups(model, cfg, lr_mult={"predictor.": 10.0})
+    rows = common.train_byol(cfg, data=data, groups_fn=fast)
+    for r in rows[1:]:
+        assert r["lr:predictor"] == pytest.approx(10 * r["lr"]) and r["lr"] < 0.2   # follows the cosine
+    groups = fast(common.BYOL(cfg), cfg)
+    assert {g.get("label") for g in groups} == {None, "predictor"}
+    assert all(n.startswith("predictor.") == (g.get("lr_mult") == 10.0) for g in groups for n in g["names"])
+
+    def frozen_predictor(cfg):
+        model = common.BYOL(cfg)
+        model.predictor.requires_grad_(False)
+        return model
+    seen = []
+    common.train_byol(dataclasses.replace(cfg, epochs=1), data=data, model_fn=frozen_predictor,
+                      groups_fn=lambda m, c: seen.append(m) or common.param_groups(m, c))
+    common.set_seed(cfg.seed)                               # train_byol's seed: the same init
+    init = frozen_predictor(cfg)
+    assert all(torch.equal(p, q) for p, q in zip(seen[0].predictor.parameters(), init.predictor.parameters()))
+    assert not torch.equal(seen[0].online_projector[0].weight, init.online_projector[0].weight)   # it trained
+
+
 def test_batchnorm_parts_with_the_whole_batch_is_batchnorm():
     x = torch.randn(16, 6) * 3 + 1
     mods = nn.BatchNorm1d(6), common.BatchNormParts(6, group=0), common.BatchNormParts(6, group=16)
@@ -589,7 +635,7 @@ def test_bad_config_values_raise():
 
 # ------------------------------------------------------------------------ the scripts
 
-SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
+SCRIPTS = sorted(p.name for p in [*ROOT.glob("exp_*.py"), *ROOT.glob("ablation_*.py")])
 
 
 def _run(args, cwd):
@@ -773,6 +819,24 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monkeypatch):
+    r = _run([str(ROOT / "exp_lars.py"), "--help"], tmp_path)
+    assert r.returncode == 0
+    for field in dataclasses.fields(common.Config):
+        assert f"  {field.name} = " in r.stdout, field.name
+    assert "lars_form = \"blog\" [blog|byol]" in r.stdout
+    # --set over a variant's own value: a warning, and the header prints the value used
+    seen = []
+    monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
+    import ablation_target_tau as tau
+    capsys.readouterr()
+    common.main("target_tau", tau.__doc__, tau.PRESETS, tau.VARIANTS,
+                argv=["--smoke", "--variants", "tau_0", "--set", "base_tau=0.5", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "replaces variant tau_0's own base_tau=0.0" in err
+    assert "[tau_0 seed 0] base_tau=0.5" in out and seen[0].base_tau == 0.5
+
+
 def test_bad_input_exits_2_with_one_line_as_a_script(tmp_path):
     """The same from a shell, where a traceback would show."""
     r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), "--set", "lr=nan"], tmp_path)
@@ -878,7 +942,7 @@ def test_lars_lr_logging_covers_only_adapted_weights():
                           lr=0.5, eta=1e-3)
         model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))["loss"].backward()
         opt.step()
-        logged = common.lars_lrs(opt, 0.5)
+        logged = common.lars_lrs(opt)
         assert set(logged) == {f"lars_lr:{k}" for k in expected}
         assert all(v > 0 for v in logged.values())
         model.zero_grad()
