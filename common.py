@@ -1396,15 +1396,16 @@ def build_configs(args, presets, variants, extra_variants=None):
         cli["epochs"] = args.epochs
     if args.batch_size is not None:
         cli["batch_size"] = args.batch_size
-    configs = {}
+    configs, warnings = {}, []
     for v in dict.fromkeys(names):
         over = {k: x for k, x in variants[v].items() if k not in HOOKS}
         # a variant that never trains (random init) keeps epochs=0 whatever --epochs says
         used = {k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}
-        for k in used:
-            if k in over and used[k] != over[k]:
-                print(f"warning: --set {k}={used[k]} replaces variant {v}'s own {k}={over[k]}", file=sys.stderr)
+        warnings += [f"warning: --set {k}={used[k]} replaces variant {v}'s own {k}={over[k]}"
+                     for k in used if k in over and used[k] != over[k]]
         configs[v] = check_config(Config(**{**base, **over, **used}))
+    for w in warnings:   # once every config is valid (bad input stays a one-line error)
+        print(w, file=sys.stderr)
     return ("smoke" if args.smoke else preset), configs, cli
 
 
