@@ -179,7 +179,7 @@ def get_device(name="auto"):
 
 def conv_format(device, width):
     """Memory format of the convolutions' inputs and weights. channels_last (NHWC) is faster on
-    CUDA (cuDNN) and on CPU too (1.24x the step at width 16: results/bench_cpu.txt), but on an
+    CUDA (cuDNN) and on CPU too (results/README.md, Speed), but on an
     AVX2-only CPU oneDNN computes the weight gradient of a 1x1 conv whose input channels are not
     a multiple of 8 with a kernel that writes out of bounds (a crash or a hang at width 4:
     test_no_avx2_crash_at_a_narrow_width). So on CPU, channels_last only when every channel
@@ -941,8 +941,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     check_ranks(cfg, n_ranks)
     if device.type == "cpu":
         # Weight decay can shrink a collapsed network's weights into denormal floats (< 1.2e-38),
-        # where CPU arithmetic runs ~90x slower (results/denormal_conv.txt: a 64-channel conv,
-        # 14 ms -> 1.25 s; exp_weight_decay.py wd 1e-3 went from ~24 to ~130 s per epoch).
+        # where CPU arithmetic runs many times slower (results/denormal_conv.txt).
         # Flushing them to zero changes no result that matters and keeps such runs at full speed.
         torch.set_flush_denormal(True)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
@@ -1608,8 +1607,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
 
 
 def print_summary(rows, names, blog):
-    """Probe accuracy and cosines of each run's last row, mean +- std over seeds, beside the
-    blog's numbers."""
+    """Probe accuracy and cosines of each run's last row, mean +- std over seeds (sample std,
+    n - 1), beside the blog's numbers."""
     last = {}
     for r in rows:
         key = (r["variant"], r["seed"])
@@ -1620,7 +1619,7 @@ def print_summary(rows, names, blog):
         vals = [float(r[col]) for (v, _), r in last.items() if v == name and r.get(col) not in ("", None)]
         if not vals:
             return "-"
-        return f"{np.mean(vals):.4g} +- {np.std(vals):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
+        return f"{np.mean(vals):.4g} +- {np.std(vals, ddof=1):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
     epochs = sorted({int(r["epoch"]) for r in last.values()})
     print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s); "
           f"probe_acc is the blog's liblinear fit unless probe_fit says otherwise, std_probe the standardized fit:")

@@ -20,7 +20,7 @@ the first conv of each encoder stage and both layers of the projector and predic
 
 Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does not; without BN,
 the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
-run 60 epochs (--epochs 60), bn_sgd_no_mlp_bn is still collapsed at the end (README, 'Longer runs').
+longer runs: results/README.md, 'Longer runs on CPU'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =

@@ -11,10 +11,8 @@ output variation returns, the loss rises, learning resumes.
 
 Expect: every variant collapses within the first epochs (cpu preset shows this); only the long
 presets (blog, cifar10: 320 epochs) can show the escape around epoch 100 and its dependence on
-the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). Measured on the
-cpu preset run longer (README, 'Longer runs'; standardized probe): wd 1e-3 breaks out in loss bursts from epoch ~12,
-its probe climbs to 32.3 at epoch 24, then its weights decay away and it ends at chance (9.7)
-by epoch 36; wd 1e-4's loss has only begun to rise by epoch 64.
+the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). What the cpu
+preset shows when run longer: results/README.md, 'Longer runs on CPU'.
 
 Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, no weight
 standardization) and no norm in the MLPs; weight decay on every parameter (as the blog's SGD);

@@ -7,12 +7,14 @@ ghost BN group size k, and a bar chart of BN's parts.
 
     python plot_results.py results/table1_cpu.csv [more.csv ...]
     python plot_results.py            # every results/*.csv
+    python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
 
 Uses matplotlib (plots are the one place a library clearly beats hand-written code).
 """
 import csv
 import sys
 from collections import defaultdict
+from statistics import mean, stdev
 from pathlib import Path
 
 import matplotlib
@@ -164,7 +166,36 @@ def read_results(csv_path):
     return rows
 
 
+def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_cos", "z_std")):
+    """A markdown table of each variant's last epoch, mean ± std over seeds (what the README's
+    result tables are pasted from)."""
+    rows = read_results(csv_path)
+    last = {}
+    for r in rows:
+        key = (r["variant"], r["seed"])
+        if key not in last or int(r["epoch"]) > int(last[key]["epoch"]):
+            last[key] = r
+    cols = [c for c in columns if c in rows[0]]
+    out = [f"| variant | epoch | seeds | {' | '.join(cols)} |", "|---" * (len(cols) + 3) + "|"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for (name, _), r in last.items() if name == v]
+        cells = []
+        for c in cols:
+            vals = [float(r[c]) for r in runs if r.get(c) not in (None, "")]
+            digits = 1 if c.startswith("probe") else 4
+            cells.append("" if not vals else f"{mean(vals):.{digits}f}" + (f" ± {stdev(vals):.{digits}f}" if len(vals) > 1 else ""))
+        epochs = sorted({r["epoch"] for r in runs})
+        out.append(f"| {v} | {'/'.join(epochs)} | {len(runs)} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
 def main(argv):
+    if argv[:1] == ["--table"]:
+        if len(argv) < 2:
+            raise ValueError("--table needs a CSV")
+        for p in argv[1:]:
+            print(table(p))
+        return
     paths = argv or sorted(str(p) for p in Path("results").glob("*.csv"))
     if not paths:
         raise ValueError("no CSV given and none in results/")

@@ -881,6 +881,10 @@ def test_plot_results_draws_every_csv(tmp_path):
     assert r.returncode == 0, r.stderr
     png = tmp_path / "lars_smoke.png"
     assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"
+    r = _run([str(ROOT / "plot_results.py"), "--table", str(tmp_path / "lars_smoke.csv")], tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("| variant | epoch | seeds | probe_acc")
+    assert [l.split(" | ")[0] for l in lines[2:]] == ["| bn_sgd_mlp_bn", "| gn_lars_layer12"]
 
 
 def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
