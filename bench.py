@@ -21,7 +21,8 @@ import torch
 
 import common
 
-PRESETS = common.TABLE1_PRESETS
+# Table 1's presets, and the appendix's 'steps' preset (built for steps per second)
+PRESETS = {**common.TABLE1_PRESETS, "steps": common.APPENDIX_PRESETS["steps"]}
 
 
 def timed(fn, steps, device, warmup=2):
@@ -42,7 +43,7 @@ FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_
 
 def measure(cfg, device, fmt, steps):
     """(step, bound, aug) seconds per batch with the convolutions in memory format fmt."""
-    size = 96 if cfg.stem == "imagenet" else 32
+    size = cfg.image_size or (96 if cfg.stem == "imagenet" else 32)
     n, B = 4 * cfg.batch_size, cfg.batch_size
     torch.manual_seed(0)
     x_all = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
@@ -94,7 +95,7 @@ def main():
     cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
                         device=str(device), compile=args.compile, precision=args.precision)
     B = cfg.batch_size
-    print(f"preset {preset}: width {cfg.width}, {96 if cfg.stem == 'imagenet' else 32} px, batch {B}, "
+    print(f"preset {preset}: width {cfg.width}, {cfg.image_size or (96 if cfg.stem == 'imagenet' else 32)} px, batch {B}, "
           f"device {device}, threads {torch.get_num_threads()}, bf16 {common.use_bf16(cfg, device)}, "
           f"compile {cfg.compile}")
     if args.memory_format == "both":
@@ -116,7 +117,7 @@ def main():
     for name in names:
         t_step, t_bound, t_aug = measure(cfg, device, FORMATS[name], args.steps)
         s, b = B / t_step, B / t_bound
-        print(f"memory_format={name} step_img_s={s:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} "
+        print(f"memory_format={name} step_img_s={s:.1f} steps_s={s / B:.1f} bound_img_s={b:.1f} ratio={s / b:.3f} "
               f"aug_img_s={B / t_aug:.1f} probe_s={t_probe:.2f} probe_std_s={t_probe_std:.2f}")
 
 

@@ -46,6 +46,7 @@ class Config:
     dataset: str = "cifar10"         # stl10: the blog's; synthetic: tiny, for tests and --smoke
     data_dir: str = ""               # "" = $BYOL_DATA, ./data, ../shared/data (first that has it)
     train_subset: int = 0            # pretrain on the first N training images (0 = all)
+    image_size: int = 0              # resize every image to N x N px once at load (0 = as stored)
     # encoder f: ResNet-18
     stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
@@ -123,7 +124,8 @@ def check_config(cfg):
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
         raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
-    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers"):
+    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers",
+                "image_size"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
@@ -389,6 +391,15 @@ def make_synthetic(n_train=512, n_test=512, size=32, num_classes=10, seed=0):
     train_x, train_y = sample(n_train)
     test_x, test_y = sample(n_test)
     return dict(pretrain_x=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def resize_images(data, size):
+    """A copy of a load_dataset() dict with every image area-averaged to size x size (uint8)."""
+    def resize(x):
+        if x.shape[-1] == size:
+            return x
+        return F.interpolate(x.float(), size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
+    return {k: resize(v) if k.endswith("_x") else v for k, v in data.items()}
 
 
 def load_dataset(name, data_dir="", download=False):
@@ -945,6 +956,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         # Flushing them to zero changes no result that matters and keeps such runs at full speed.
         torch.set_flush_denormal(True)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.image_size:
+        data = resize_images(data, cfg.image_size)
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
     if cfg.epochs and cfg.batch_size > len(pretrain):
         raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
@@ -1277,7 +1290,12 @@ TABLE1_PRESETS = {"blog": dict(BLOG_STL10, epochs=10, schedule_epochs=320),
                   "cifar10": dict(CIFAR10_GPU, epochs=10, schedule_epochs=320),
                   "cpu": dict(CPU_SMALL, epochs=12, schedule_epochs=320)}
 APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
-                    "cpu": dict(CPU_SMALL, train_subset=5000, epochs=8, eval_every=2, schedule_epochs=320)}
+                    "cpu": dict(CPU_SMALL, train_subset=5000, epochs=8, eval_every=2, schedule_epochs=320),
+                    "steps": dict(CPU_SMALL, width=8, image_size=16, train_subset=5000, epochs=8, eval_every=2,
+                                  schedule_epochs=320)}
+# steps: the cpu preset made smaller for more steps per second (width 8, images 16 px), for the
+# appendix's long recoveries; its speed and untrained probe accuracy are in results/README.md
+# ('A preset built for steps'). No finding has been run on it yet.
 # LARS with the BYOL paper's settings (section 3.3 and DeepMind's config: trust 1e-3, weight decay
 # 1.5e-6 off biases and norms, tau 0.996 -> 1 on a per-step cosine), run through the blog's own LARS
 # update (lars_form="blog": the blog's appendix runs used its lars.py; see LARS)

@@ -607,6 +607,17 @@ def test_conv_format_channels_last_only_where_safe():
     assert common.conv_format(cuda, 4) == torch.channels_last
 
 
+def test_image_size_area_averages_every_split():
+    data = common.make_synthetic(8, 8)
+    small = common.resize_images(data, 16)
+    assert small["pretrain_x"].shape == (8, 3, 16, 16) and small["test_x"].shape == (8, 3, 16, 16)
+    assert torch.equal(small["test_y"], data["test_y"])
+    blocks = data["train_x"].float().view(8, 3, 16, 2, 16, 2).mean((3, 5))
+    assert (small["train_x"].float() - blocks).abs().max() <= 0.5   # the 2x2 mean, rounded
+    rows = common.train_byol(dataclasses.replace(SMALL, image_size=16, epochs=1), data=common.make_synthetic(64, 64))
+    assert math.isfinite(rows[-1]["loss"]) and rows[-1]["probe_acc"] is not None
+
+
 def test_cpu_training_flushes_denormal_floats():
     """Decayed weights of a collapsed run can underflow into denormals, ~90x slower on a CPU."""
     torch.set_flush_denormal(False)
