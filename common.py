@@ -131,14 +131,15 @@ def check_config(cfg):
     if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
         raise UsageError(f"seed must be in [0, 2^32), got {cfg.seed}")
     # float settings: finite (nan and inf make NaN rows), and in their meaningful range
-    for key, lo, hi, what in (("lr", 0, math.inf, ">= 0"), ("weight_decay", 0, math.inf, ">= 0"),
-                              ("warmup_epochs", 0, math.inf, ">= 0"), ("momentum", 0, 1, "in [0, 1)"),
-                              ("lars_eta", 0, math.inf, "> 0"), ("temperature", 0, math.inf, "> 0"),
-                              ("base_tau", 0, 1, "in [0, 1]")):
-        v = getattr(cfg, key)
-        bad = not math.isfinite(v) or v < lo or v > hi or (v == lo and what == "> 0") or (v == hi and what == "in [0, 1)")
-        if bad:
-            raise UsageError(f"{key} must be finite and {what}, got {v}")
+    def finite(key, ok, what):
+        if not (math.isfinite(getattr(cfg, key)) and ok(getattr(cfg, key))):
+            raise UsageError(f"{key} must be finite and {what}, got {getattr(cfg, key)}")
+    for key in ("lr", "weight_decay", "warmup_epochs"):
+        finite(key, lambda v: v >= 0, ">= 0")
+    for key in ("lars_eta", "temperature"):
+        finite(key, lambda v: v > 0, "> 0")
+    finite("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    finite("base_tau", lambda v: 0 <= v <= 1, "in [0, 1]")
     if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
         raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
                          f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
