@@ -1433,10 +1433,10 @@ HOOKS = ("model_fn", "groups_fn")
 
 def config_hash(cfg, n_ranks=1, hooks=None):
     """12 hex digits naming every setting that changes a run's results: all Config fields but
-    the seed (its own column), where the data lives, the device name and compile; precision
-    'auto' is resolved (bf16 on CUDA, fp32 elsewhere), and the process count is added under
-    torchrun (BN batches are per process), and the names of a variant's hooks. A CSV row with the same hash, variant, seed and final
-    epoch is a finished run of exactly these settings."""
+    the seed (its own column), where the data lives, the device name and compile, with precision
+    'auto' resolved (bf16 on CUDA, fp32 elsewhere); plus the process count under torchrun (BN
+    batches are per process) and the names of a variant's hooks. A CSV row with the same hash,
+    variant, seed and final epoch is a finished run of exactly these settings."""
     d = _resumable(cfg)
     del d["seed"]
     d["precision"] = "bf16" if use_bf16(cfg, get_device(cfg.device)) else "fp32"
@@ -1563,14 +1563,15 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
             path, lock = open_out(args.out, f"{exp}_{preset}.csv")
             old = read_rows(path, header)
-            runs = {}
+            mine = {}   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
             for r in old:
-                runs.setdefault((r["variant"], int(r["seed"]), r["cfg_hash"]), []).append(r)
-            finished = {key for key, rows in runs.items() if key[:2] in wanted and key[2] == wanted[key[:2]]
-                        and any(is_final(r, configs[key[0]].epochs) for r in rows)}
+                key = (r["variant"], int(r["seed"]), r["cfg_hash"])
+                if wanted.get(key[:2]) == key[2]:
+                    mine.setdefault(key, []).append(r)
+            finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
             # rows of a requested run that never finished (a crash while appending) are dropped, so
             # that its new rows are not duplicates
-            drop = {key for key in runs if key[:2] in wanted and key[2] == wanted[key[:2]] and key not in finished}
+            drop = mine.keys() - finished
             done = set() if args.fresh else {key[:2] for key in finished}
             if drop:
                 rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
