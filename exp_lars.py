@@ -32,6 +32,8 @@ with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 3
 import common
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
+# steps: 130 epochs = 10,140 steps, past C1's escape (blog: epochs 12-15, 4,900-6,200 steps)
+PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=130))
 
 NO_MLP_BN = dict(proj_norm="none", pred_norm="none")
 GN_LARS = dict(NO_MLP_BN, **common.LARS_BYOL, encoder_norm="gn", lr=0.2)

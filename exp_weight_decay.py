@@ -21,6 +21,8 @@ tau 0.996 constant; lr 0.2 in every preset (absolute, not scaled by batch size).
 import common
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
+# steps: 640 epochs = 49,920 steps, past D1's escape (blog: epoch ~100, 41,000 steps at lr 0.2, wd 1e-5)
+PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=640))
 
 NO_BN = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2)
 VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-4, 1e-3)}
