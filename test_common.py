@@ -1044,3 +1044,37 @@ def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch(t
     for d in ranks:
         assert torch.allclose(d["mean"], bn.running_mean, atol=1e-4)
         assert torch.allclose(d["var"], bn.running_var, rtol=1e-3, atol=1e-8)
+
+
+# ---------------------------------------------------------------- exp_escape_law: reading an escape
+def _loss_rows(losses, neg=0.9999):
+    return [dict(epoch=str(e), loss=str(x), neg_cos=str(neg)) for e, x in enumerate(losses, start=1)]
+
+
+def test_escape_reads_turn_and_rise_from_the_loss():
+    import exp_escape_law as law
+    # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
+    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
+    assert law.escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
+    # never collapsed (negative cosine below 0.999): no escape, whatever the loss does
+    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-3], neg=0.5)) == (None, None)
+    # counting starts at the first collapsed epoch: the fall before it is not a lowest value
+    rows = _loss_rows([1e-6, 1e-2, 1e-3, 5e-3])
+    rows[0]["neg_cos"] = "0.5"
+    assert law.escape(rows) == (3, 4)
+
+
+def test_escape_fit_recovers_a_known_power_law():
+    import exp_escape_law as law
+    rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
+    slope, se, n = law.fit(rows, "rise")
+    assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
+    assert law.fit(rows, "turn") == (None, None, 0)
+
+
+def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
+    import exp_escape_law as law
+    for name, v in law.VARIANTS.items():
+        assert any(math.isclose(v["lr"] * v["weight_decay"], p, rel_tol=1e-3) for p in law.PRODUCTS), name
+        assert law.epochs_for(v) * 78 * v["lr"] * v["weight_decay"] >= law.CLOCK
+    assert len(law.VARIANTS) == len(law.PRODUCTS) * len(law.LRS)
