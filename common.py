@@ -128,6 +128,8 @@ def check_config(cfg):
                 "image_size"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if 0 < cfg.image_size < 8:   # the encoder's three stride-2 stages need 8 px to leave one pixel
+        raise UsageError(f"image_size must be 0 (as stored) or >= 8, got {cfg.image_size}")
     if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
         raise UsageError(f"seed must be in [0, 2^32), got {cfg.seed}")
     # float settings: finite (nan and inf make NaN rows), and in their meaningful range
@@ -957,6 +959,9 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         # Flushing them to zero changes no result that matters and keeps such runs at full speed.
         torch.set_flush_denormal(True)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.image_size > data["pretrain_x"].shape[-1]:
+        raise UsageError(f"image_size={cfg.image_size} is larger than the {cfg.dataset} images "
+                         f"({data['pretrain_x'].shape[-1]} px): it only downsamples")
     if cfg.image_size:
         data = resize_images(data, cfg.image_size)
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)

@@ -825,6 +825,9 @@ def _main_in_process(argv, capsys):
     (["--set", "temperature=0"], "temperature"),
     (["--set", "momentum=-1"], "momentum"),
     (["--set", "weight_decay=-1e-4"], "weight_decay"),
+    (["--set", "image_size=4"], "image_size must be 0"),
+    (["--set", "image_size=64"], "larger than the synthetic images"),
+    (["--set", "schedule_epochs=-1"], "schedule_epochs"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
@@ -1078,3 +1081,9 @@ def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
         assert any(math.isclose(v["lr"] * v["weight_decay"], p, rel_tol=1e-3) for p in law.PRODUCTS), name
         assert law.epochs_for(v) * 78 * v["lr"] * v["weight_decay"] >= law.CLOCK
     assert len(law.VARIANTS) == len(law.PRODUCTS) * len(law.LRS)
+
+
+def test_escape_law_analyze_refuses_a_foreign_csv_in_one_line(tmp_path):
+    for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
+        r = _run([str(ROOT / "exp_escape_law.py"), "--analyze", str(target)], tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
