@@ -8,6 +8,8 @@ ghost BN group size k, and a bar chart of BN's parts.
     python plot_results.py results/table1_cpu.csv [more.csv ...]
     python plot_results.py            # every results/*.csv
     python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
+    python plot_results.py --recovery results/steps/lars_steps.csv --steps-per-epoch 78
+                         # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered
 
 Uses matplotlib (plots are the one place a library clearly beats hand-written code).
 """
@@ -189,7 +191,44 @@ def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_
     return "\n".join(out)
 
 
+def recovery(csv_path, steps_per_epoch):
+    """A markdown table of how far each run was taken and whether it left collapse: steps,
+    lr x wd x steps (the decay's clock: wd times the logged lr summed over the steps), the epoch it
+    collapsed (negative cosine >= 0.999), its lowest negative cosine after that, the epoch it
+    recovered (negative cosine back to <= 0.9), and the probe: untrained, best after collapse, last."""
+    rows = read_results(csv_path)
+    runs = defaultdict(list)
+    for r in rows:
+        runs[(r["variant"], r["seed"])].append(r)
+    out = ["| variant | seed | epochs | steps | lr x wd x steps | collapsed at | lowest neg. cos after | "
+           "recovered at | probe: untrained / best after collapse / last |", "|---" * 9 + "|"]
+    for (v, seed), rs in runs.items():
+        rs.sort(key=lambda r: int(r["epoch"]))
+        wd = rs[0].get("cfg_weight_decay") or ""
+        lrs = [float(r["lr"]) for r in rs if r["lr"] not in ("", None)]
+        clock = f"{float(wd) * sum(lrs) * steps_per_epoch:.3f}" if wd else "-"
+        neg = [(int(r["epoch"]), float(r["neg_cos"])) for r in rs if r["neg_cos"] not in ("", None)]
+        start = next((e for e, c in neg if c >= 0.999), None)
+        after = [(c, e) for e, c in neg if start is not None and e >= start]
+        low = min(after) if after else None
+        back = next((e for c, e in sorted(after, key=lambda t: t[1]) if c <= 0.9), None)
+        probes = [(int(r["epoch"]), float(r["probe_acc"])) for r in rs if r["probe_acc"] not in ("", None)]
+        best = max((a for e, a in probes if start is not None and e >= start), default=None)
+        cells = [v, seed, rs[-1]["epoch"], str(int(rs[-1]["epoch"]) * steps_per_epoch), clock,
+                 str(start) if start is not None else "never",
+                 f"{low[0]:.4f} (ep {low[1]})" if low else "-", str(back) if back is not None else "no",
+                 " / ".join("-" if x is None else f"{x:.1f}" for x in
+                            (probes[0][1] if probes and probes[0][0] == 0 else None, best, probes[-1][1] if probes else None))]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv):
+    if argv[:1] == ["--recovery"]:
+        if len(argv) != 4 or argv[2] != "--steps-per-epoch" or not argv[3].isdigit() or int(argv[3]) < 1:
+            raise ValueError("usage: --recovery CSV --steps-per-epoch N (N >= 1; 78 for the appendix's cpu and steps presets)")
+        print(recovery(argv[1], int(argv[3])))
+        return
     if argv[:1] == ["--table"]:
         if len(argv) < 2:
             raise ValueError("--table needs a CSV")

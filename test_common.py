@@ -1087,3 +1087,22 @@ def test_escape_law_analyze_refuses_a_foreign_csv_in_one_line(tmp_path):
     for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
         r = _run([str(ROOT / "exp_escape_law.py"), "--analyze", str(target)], tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
+
+
+def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
+    import plot_results
+    path = tmp_path / "x_steps.csv"
+    neg = [None, 0.5, 0.9995, 0.9999, 0.95, 0.6]   # collapses at epoch 2, recovers (<= 0.9) at 5
+    probe = [20.0, None, 15.0, None, 18.0, 30.0]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*plot_results.NEEDED, "lr", "cfg_weight_decay"])
+        w.writeheader()
+        for e in range(6):
+            w.writerow(dict(variant="v", seed=0, epoch=e, loss=1e-3 if e else "", probe_acc=probe[e] or "",
+                            pos_cos=neg[e] or "", neg_cos=neg[e] or "", lr=0.5 if e else "", cfg_weight_decay=1e-3))
+    cells = plot_results.recovery(path, 10).splitlines()[2].split(" | ")
+    # 5 epochs x 10 steps at lr 0.5, wd 1e-3: 0.025
+    assert cells[2:8] == ["5", "50", "0.025", "2", "0.6000 (ep 5)", "5"]
+    assert cells[8].rstrip(" |") == "20.0 / 30.0 / 30.0"
+    r = _run([str(ROOT / "plot_results.py"), "--recovery", str(path)], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
