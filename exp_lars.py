@@ -20,7 +20,10 @@ the first conv of each encoder stage and both layers of the projector and predic
 
 Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does not; without BN,
 the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
-longer runs: results/README.md, 'Longer runs on CPU'.
+longer runs: results/README.md, 'Longer runs on CPU'. The steps preset takes C1 past the blog's
+escape in steps (130 epochs, lr x wd x steps 0.81 against the blog's ~0.44 at epoch 12-15); there
+the collapsed network decays to a constant instead (probe at chance by epoch ~55, 2 seeds):
+results/README.md, 'The appendix's recoveries on the steps preset'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
