@@ -13,7 +13,9 @@ Finding (blog appendix, Figure 'accuracy_resnet_group_norm'; ResNet-18 with Grou
 
 Expect at any scale: without MLP BN, SGD collapses (positive and negative cosine ~1) while
 the BN-MLP control does not. The recoveries (LARS lr 0.2 over tens of epochs, WS around epoch
-100) need the long blog/cifar10 presets; the cpu preset shows the first epochs only.
+100) need the long blog/cifar10 presets; the cpu preset shows the first epochs only. On the steps
+preset (results/README.md, 'The appendix's recoveries on the steps preset') LARS lr 0.2 never
+collapses and learns while lr 0.1 lags (60 epochs); GN + WS decays to chance instead of separating.
 
 Choices where the blog is silent (SPEC.md section 7): GroupNorm with 32 groups (one per channel
 below 32 channels) and no weight standardization except in ws_sgd_no_mlp_bn; SGD runs use the
