@@ -181,15 +181,13 @@ def figure(rows, slopes, png):
             pts = [(r["lr_wd"], r[f"{key}_step"]) for r in rows if r["lr"] == lr and r[f"{key}_step"]]
             if pts:
                 x, y = zip(*pts)
-                slope, se = slopes[key]
-                fit_text = f", slope {slope:.2f}" + (f" ± {se:.2f}" if se else "") if slope is not None and i == 0 else ""
-                ax.loglog(x, y, marker, color=f"C{i}", mfc="none" if key == "turn" else f"C{i}",
-                          label=f"{key}, lr {lr:g}{fit_text}")
+                ax.loglog(x, y, marker, color=f"C{i}", mfc="none" if key == "turn" else f"C{i}", label=f"{key}, lr {lr:g}")
     xs = np.array(sorted({r["lr_wd"] for r in rows} | {2e-6}))
     for clock, style in ((0.049, ":"), (0.082, "--")):
         ax.loglog(xs, clock / xs, "k" + style, lw=1, label=f"lr x wd x steps = {clock} (blog's {'turn' if clock < 0.06 else 'rise'})")
     ax.loglog([2e-6], [41000], "k*", ms=10, label="blog: lr 0.2, wd 1e-5, rise")
-    ax.set(xlabel="lr x wd", ylabel="step", title="D1: when decay ends the collapse")
+    fits = ", ".join(f"{k} {sl:.2f}" + (f" ± {se:.2f}" if se else "") for k, (sl, se) in slopes.items() if sl is not None)
+    ax.set(xlabel="lr x wd", ylabel="step", title="D1: when decay ends the collapse" + (f"\nslopes (all runs): {fits}" if fits else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
