@@ -31,7 +31,7 @@ import common
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 160 epochs = 12,480 steps, past D2's first separation (blog: epoch ~20, 8,200 steps); C2's
-# LARS runs part by blog epoch 10 (4,100 steps), which --epochs 80 passes
+# LARS runs part by blog epoch 10 (4,100 steps), which --epochs 60 (4,680 steps) passes
 PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=160))
 
 NO_MLP_BN = dict(encoder_norm="gn", proj_norm="none", pred_norm="none")

@@ -26,7 +26,7 @@ The fit is least squares of log10(step) on log10(lr x wd) over the runs that ris
 uncertainty is its standard error.
 
     python exp_escape_law.py --preset steps --seeds 2     # ~2 h on 2 cores; table, CSV and figure
-    python exp_escape_law.py --analyze results/escape_law/escape_law_steps.csv   # no training
+    python exp_escape_law.py --analyze results/steps/law/escape_law_steps.csv   # no training
 
 Writes <out>/escape_law_<preset>.csv (per epoch, as every script), then
 <out>/escape_law_<preset>_escape.csv (one row per run) and <out>/escape_law_<preset>_escape.png.
@@ -147,7 +147,7 @@ def report(csv_path):
     if not rows:
         raise common.UsageError(f"{csv_path}: no runs to analyze")
     print(f"\nescape from collapse (rise: loss > {RISE:g}x its lowest so far; turn: that lowest epoch), "
-          f"78 steps an epoch; blog (lr 0.2, wd 1e-5): turn ~24,600 steps (0.049), rise ~41,000 (0.082)")
+          f"{steps_per_epoch(preset_config(csv_path))} steps an epoch; blog (lr 0.2, wd 1e-5): turn ~24,600 steps (0.049), rise ~41,000 (0.082)")
     print(f"{'variant':<18}{'seed':>5}{'lr x wd':>10}{'turn step':>11}{'decay':>8}{'rise step':>11}{'decay':>8}")
     for r in rows:
         def show(key):
@@ -201,10 +201,10 @@ def run_all(argv):
     names = [v for v in probe.variants.split(",") if v] or list(VARIANTS)
     if probe.epochs is not None or probe.smoke or (probe.preset or "") != "steps":
         return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)
+    if any(name not in VARIANTS for name in names):   # before any training: main's one-line error
+        return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)
     path = None
     for name in names:
-        if name not in VARIANTS:
-            return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)   # its one-line error
         path = common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG,
                            argv=[*argv, "--variants", name, "--epochs", str(epochs_for(VARIANTS[name]))])
     return path

@@ -211,7 +211,7 @@ def recovery(csv_path, steps_per_epoch):
         start = next((e for e, c in neg if c >= 0.999), None)
         after = [(c, e) for e, c in neg if start is not None and e >= start]
         low = min(after) if after else None
-        back = next((e for c, e in sorted(after, key=lambda t: t[1]) if c <= 0.9), None)
+        back = next((e for c, e in after if c <= 0.9), None)   # after is in epoch order
         probes = [(int(r["epoch"]), float(r["probe_acc"])) for r in rs if r["probe_acc"] not in ("", None)]
         best = max((a for e, a in probes if start is not None and e >= start), default=None)
         cells = [v, seed, rs[-1]["epoch"], str(int(rs[-1]["epoch"]) * steps_per_epoch), clock,
