@@ -187,7 +187,7 @@ def figure(rows, slopes, png):
         ax.loglog(xs, clock / xs, "k" + style, lw=1, label=f"lr x wd x steps = {clock} (blog's {'turn' if clock < 0.06 else 'rise'})")
     ax.loglog([2e-6], [41000], "k*", ms=10, label="blog: lr 0.2, wd 1e-5, rise")
     fits = ", ".join(f"{k} {sl:.2f}" + (f" ± {se:.2f}" if se else "") for k, (sl, se) in slopes.items() if sl is not None)
-    ax.set(xlabel="lr x wd", ylabel="step", title="D1: when decay ends the collapse" + (f"\nslopes (all runs): {fits}" if fits else ""))
+    ax.set(xlabel="lr x wd", ylabel="step", title="D1: when decay lifts the collapsed loss" + (f"\nslopes (all runs): {fits}" if fits else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

@@ -13,8 +13,10 @@ Expect: every variant collapses within the first epochs (cpu preset shows this);
 presets (blog, cifar10: 320 epochs) can show the escape around epoch 100 and its dependence on
 the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). What the cpu
 preset shows when run longer: results/README.md, 'Longer runs on CPU'. The steps preset runs wd 1e-5
-to 49,920 steps (93 minutes measured, one thread beside another run); exp_escape_law.py measures the clock (on the steps
-preset the loss rises at lr x wd x steps ~0.20 whatever lr and wd).
+to 49,920 steps (85-93 minutes a seed, one thread beside another run); both seeds stay collapsed.
+exp_escape_law.py measures the clock: on the steps preset the loss rises at
+lr x wd x steps 0.18-0.23 whatever lr and wd, and at wd 1e-5 the blog's cosine caps this preset's
+clock at 0.131, so its escape cannot show there (results/README.md).
 
 Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, no weight
 standardization) and no norm in the MLPs; weight decay on every parameter (as the blog's SGD);
