@@ -1567,7 +1567,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     hashes = {name: config_hash(cfg, n_ranks, hooks[name]) for name, cfg in configs.items()}
     wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
     path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
-    done = set()
+    done, other = set(), set()   # other: runs of a requested (variant, seed) under other settings
     try:
         if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
             path, lock = open_out(args.out, f"{exp}_{preset}.csv")
@@ -1577,6 +1577,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 key = (r["variant"], int(r["seed"]), r["cfg_hash"])
                 if wanted.get(key[:2]) == key[2]:
                     mine.setdefault(key, []).append(r)
+                elif key[:2] in wanted:   # rows land only when a run ends: a finished run
+                    other.add(key)
             finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
             # rows of a requested run that never finished (a crash while appending) are dropped, so
             # that its new rows are not duplicates
@@ -1593,6 +1595,9 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
         if done:
             print(f"reused {len(done)} finished run(s) with identical settings from {path} (--fresh to retrain)")
+        if other:   # say why they train again: a changed flag, or code that added a Config field
+            print(f"{len(other)} earlier run(s) of these variants and seeds in {path} have other settings "
+                  f"(cfg_hash differs): they stay in the CSV, these train anew")
         if len(done) < len(wanted):
             if n_ranks > 1 and args.download and rank > 0:
                 dist.barrier()   # rank 0 downloads first

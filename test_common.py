@@ -715,8 +715,10 @@ def test_only_identical_settings_are_reused(tmp_path):
     r = _run(base, tmp_path)                                  # the same settings: reused
     assert r.returncode == 0 and "reused 1 finished run(s)" in r.stdout and "epoch   1" not in r.stdout
     assert _rows(path) == first
-    r = _run(base + ["--set", "lr=0.05"], tmp_path)           # a changed setting: trains
+    assert "other settings" not in r.stdout
+    r = _run(base + ["--set", "lr=0.05"], tmp_path)           # a changed setting: trains, says why
     assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
+    assert "1 earlier run(s) of these variants and seeds" in r.stdout
     rows = _rows(path)
     assert len(rows) == 2 * len(first) and len({row["cfg_hash"] for row in rows}) == 2
     new = [row for row in rows if row["cfg_hash"] != first[0]["cfg_hash"]]
