@@ -1578,7 +1578,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 key = (r["variant"], int(r["seed"]), r["cfg_hash"])
                 if wanted.get(key[:2]) == key[2]:
                     mine.setdefault(key, []).append(r)
-                elif key[:2] in wanted:   # rows land only when a run ends: a finished run
+                elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
                     other.add(key)
             finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
             # rows of a requested run that never finished (a crash while appending) are dropped, so

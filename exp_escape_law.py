@@ -199,9 +199,10 @@ def run_all(argv):
     """Each variant with its own length (epochs_for), unless --epochs is given."""
     probe = common.get_parser(__doc__, PRESETS, VARIANTS).parse_args(argv)
     names = [v for v in probe.variants.split(",") if v] or list(VARIANTS)
-    if probe.epochs is not None or probe.smoke or (probe.preset or "") != "steps":
-        return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)
-    if any(name not in VARIANTS for name in names):   # before any training: main's one-line error
+    # one plain run: a fixed length, another preset, or an unknown name (main's one-line error
+    # before any training)
+    if (probe.epochs is not None or probe.smoke or (probe.preset or "") != "steps"
+            or any(name not in VARIANTS for name in names)):
         return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)
     path = None
     for name in names:
