@@ -184,8 +184,10 @@ def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_
         cells = []
         for c in cols:
             vals = [float(r[c]) for r in runs if r.get(c) not in (None, "")]
-            digits = 1 if c.startswith("probe") else 4
-            cells.append("" if not vals else f"{mean(vals):.{digits}f}" + (f" ± {stdev(vals):.{digits}f}" if len(vals) > 1 else ""))
+            # probes in points, cosines to 4 places (collapse is 0.9999), anything else (z_std: 5e-5
+            # when collapsed) to 2 significant digits, so a small value never prints as 0.0000
+            fmt = ".1f" if c.startswith("probe") else ".4f" if c.endswith("cos") else ".2g"
+            cells.append("" if not vals else f"{mean(vals):{fmt}}" + (f" ± {stdev(vals):{fmt}}" if len(vals) > 1 else ""))
         epochs = sorted({r["epoch"] for r in runs})
         out.append(f"| {v} | {'/'.join(epochs)} | {len(runs)} | {' | '.join(cells)} |")
     return "\n".join(out)

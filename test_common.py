@@ -904,6 +904,21 @@ def test_plot_results_draws_every_csv(tmp_path):
     assert [l.split(" | ")[0] for l in lines[2:]] == ["| bn_sgd_mlp_bn", "| gn_lars_layer12"]
 
 
+def test_results_table_is_mean_and_sample_std_and_keeps_small_values(tmp_path):
+    import plot_results
+    path = tmp_path / "t.csv"
+    cols = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerow(["x", "wd", 0, 8, 1e-7, 20.0, 0.99999, 0.99999, 5e-5])
+        w.writerow(["x", "wd", 1, 7, 1e-7, 99.0, 0.5, 0.5, 1.0])     # not the last epoch: left out
+        w.writerow(["x", "wd", 1, 8, 1e-7, 22.0, 0.99999, 0.99999, 4e-5])
+    row = plot_results.table(path).splitlines()[2]
+    # probe 21.0 ± sqrt(2); z_std 4.5e-5 ± 7.07e-6 must not print as 0.0000 ± 0.0000
+    assert row == "| wd | 8 | 2 | 21.0 ± 1.4 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 4.5e-05 ± 7.1e-06 |"
+
+
 def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     script = str(ROOT / "exp_table1_norms.py")
     for shard in ("a", "b"):
