@@ -51,6 +51,8 @@ class Config:
     stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
     encoder_norm: str = "bn"         # gn_ws: GroupNorm + weight standardization
+    gn_groups: int = 32              # encoder GroupNorm: min(gn_groups, channels) groups. The blog's
+                                     # 32 at width 64 is 2-16 channels a group; width w needs w / 2
     # projector g and predictor q: Linear -> norm -> ReLU -> Linear
     proj_norm: str = "bn"            # bn_noaffine, bn_center, bn_scale: BN's parts (BatchNormParts)
     pred_norm: str = "bn"            # the same choices, for the predictor
@@ -62,6 +64,8 @@ class Config:
     pred_layers: int = 2             # ... of the predictor q (0 = identity: BYOL without a predictor)
     # loss
     objective: str = "byol"          # byol: 1 - cos, both view orders; contrastive: InfoNCE + queue
+    loss_form: str = "cos"           # byol only. cos: 1 - q.z' (the blog's); sqdist: 1/2 |q - z'|^2,
+                                     # the same value computed without cancellation against 1
     temperature: float = 0.2         # contrastive only
     queue_size: int = 65536          # contrastive only: number of stored target projections
     queue_init: str = "random"       # contrastive only: random unit vectors (the blog's MoCo code);
@@ -72,6 +76,9 @@ class Config:
     lr: float = 0.8                  # absolute (not scaled by batch size), as in the blog
     momentum: float = 0.9
     weight_decay: float = 1e-4       # SGD: on every parameter (blog). LARS: not on biases/norms
+    decay_params: str = "all"        # which parameters decay. all: as above; weights: none of the
+                                     # 1-D ones (biases, norm gains); conv: only the encoder's conv
+                                     # weights, scale-invariant when a norm (or WS) follows each
     lars_eta: float = 1e-3           # LARS trust coefficient
     lars_form: str = "blog"          # blog: the blog's lars.py, trust eta|w| / (|g| + wd|w|), lr inside
                                      # the momentum; byol: DeepMind's, eta|w| / |g + wd w|, lr outside
@@ -102,7 +109,8 @@ class Config:
 MLP_NORMS = ("none", "bn", "ln", "gn", "gn_ws", "bn_noaffine", "bn_center", "bn_scale")
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
                encoder_norm=("bn", "gn", "gn_ws", "none"), proj_norm=MLP_NORMS,
-               pred_norm=MLP_NORMS, objective=("byol", "contrastive"),
+               pred_norm=MLP_NORMS, objective=("byol", "contrastive"), loss_form=("cos", "sqdist"),
+               decay_params=("all", "weights", "conv"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
                probe_fit=("liblinear", "standardized"), lars_form=("blog", "byol"),
@@ -119,7 +127,7 @@ def check_config(cfg):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("width", "mlp_hidden_dim", "proj_dim"):
+    for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
@@ -147,10 +155,11 @@ def check_config(cfg):
                          f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
     if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
         raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
-    # GroupNorm uses min(32, channels) groups, which must divide the channels
-    if cfg.encoder_norm in ("gn", "gn_ws") and any(c % min(32, c) for c in (cfg.width * 2 ** i for i in range(4))):
-        raise UsageError(f"width={cfg.width} with encoder_norm={cfg.encoder_norm}: GroupNorm's 32 groups need "
-                         f"every stage's channels (width x 1, 2, 4, 8) below 32 or a multiple of 32")
+    # the encoder's GroupNorm uses min(gn_groups, channels) groups, which must divide the channels
+    g = cfg.gn_groups
+    if cfg.encoder_norm in ("gn", "gn_ws") and any(c % min(g, c) for c in (cfg.width * 2 ** i for i in range(4))):
+        raise UsageError(f"width={cfg.width} with encoder_norm={cfg.encoder_norm}: GroupNorm's {g} groups need "
+                         f"every stage's channels (width x 1, 2, 4, 8) below {g} or a multiple of {g}")
     if "gn" in (cfg.proj_norm[:2], cfg.pred_norm[:2]) and cfg.mlp_hidden_dim % min(32, cfg.mlp_hidden_dim):
         raise UsageError(f"mlp_hidden_dim={cfg.mlp_hidden_dim} with a GroupNorm MLP: 32 groups need a size "
                          f"below 32 or a multiple of 32")
@@ -605,11 +614,11 @@ class WSConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def norm2d(kind, c):
+def norm2d(kind, c, groups=32):
     if kind == "bn":
         return nn.BatchNorm2d(c)
     if kind in ("gn", "gn_ws"):
-        return nn.GroupNorm(min(32, c), c)   # 32 groups, or one per channel when c < 32
+        return nn.GroupNorm(min(groups, c), c)   # one channel a group when c < groups: InstanceNorm
     return nn.Identity()
 
 
@@ -617,12 +626,12 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride, norm, conv):
         super().__init__()
         self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = norm2d(norm, cout)
+        self.bn1 = norm(cout)
         self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm2d(norm, cout)
+        self.bn2 = norm(cout)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm2d(norm, cout))
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -633,16 +642,17 @@ class ResNet18(nn.Module):
     """torchvision's resnet18 layout (fc removed) with a width multiplier, a CIFAR or ImageNet
     stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
 
-    def __init__(self, width=64, stem="imagenet", norm="bn"):
+    def __init__(self, width=64, stem="imagenet", norm="bn", gn_groups=32):
         super().__init__()
         conv = WSConv2d if norm == "gn_ws" else nn.Conv2d
+        kind, norm = norm, (lambda c: norm2d(kind, c, gn_groups))
         if stem == "imagenet":
             self.conv1 = conv(3, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:
             self.conv1 = conv(3, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
-        self.bn1 = norm2d(norm, width)
+        self.bn1 = norm(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         cin = width
         for i, c in enumerate(chans):
@@ -745,7 +755,7 @@ class BYOL(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm)
+        self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm, cfg.gn_groups)
         y_dim = self.online_encoder.out_dim
         z_dim = cfg.proj_dim if cfg.proj_layers else y_dim   # no projector: z = y
         self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, z_dim, cfg.proj_norm, cfg.mlp_bn_group,
@@ -753,7 +763,7 @@ class BYOL(nn.Module):
         self.predictor = build_mlp(z_dim, cfg.mlp_hidden_dim, z_dim, cfg.pred_norm, cfg.mlp_bn_group, cfg.pred_layers)
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
-        self.objective, self.temperature = cfg.objective, cfg.temperature
+        self.objective, self.temperature, self.loss_form = cfg.objective, cfg.temperature, cfg.loss_form
         if cfg.objective == "contrastive":
             # memory bank of target projections z' (MoCo): random unit vectors at first
             self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
@@ -783,7 +793,10 @@ class BYOL(nn.Module):
             if self.objective == "byol":
                 # blog: mean(1 - cos(q, z')) per view order, summed over both orders
                 # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
-                loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+                if self.loss_form == "cos":
+                    loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+                else:   # the same number, and gradients, without fp32's cancellation of 1 - cos near 1
+                    loss = 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
             else:
                 loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
             return dict(loss=loss, new_keys=t2, **collapse_stats(z1, z2, t1, t2))
@@ -806,15 +819,25 @@ def collapse_stats(z1, z2, t1, t2):
     """Blog's diagnostics: cosine of the online projection z of one view with the target
     projection z' of the other view, for the same image (pos) and for other images of the batch
     (neg), averaged over both orders; plus the std over the batch of the l2-normalized z,
-    averaged over dims (SimSiam's: ~1/sqrt(d) when spread out, 0 when collapsed)."""
+    averaged over dims (SimSiam's: ~1/sqrt(d) when spread out, 0 when collapsed).
+    pos_gap, neg_gap: 1 - pos_cos and 1 - neg_cos, the depth of a collapse, computed as
+    1/2 |a - b|^2 of the unit vectors from their differences. 1 - cos in fp32 bottoms out near
+    1e-7 (and can go negative); these resolve gaps down to ~1e-14. Logging only: no gradient."""
     z1, z2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (z1, z2, t1, t2))
     n = len(z1)
-    pos = neg = 0.0
+    pos = neg = pos_gap = neg_gap = 0.0
     for z, t in ((z1, t2), (z2, t1)):
         sim = z @ t.T
         pos = pos + sim.diagonal().mean() / 2
         neg = neg + (sim.sum() - sim.diagonal().sum()) / (n * (n - 1)) / 2
-    return dict(pos_cos=pos, neg_cos=neg, z_std=z1.std(0).mean())
+        diag = (z - t).pow(2).sum(1)
+        # sum over all pairs i, j of |z_i - t_j|^2 from the batch means (no n x n x d tensor):
+        # n sum |z_i - mean z|^2 + n sum |t_j - mean t|^2 + n^2 |mean z - mean t|^2
+        zm, tm = z.mean(0), t.mean(0)
+        pairs = n * ((z - zm).pow(2).sum() + (t - tm).pow(2).sum()) + n * n * (zm - tm).pow(2).sum()
+        pos_gap = pos_gap + diag.mean() / 4
+        neg_gap = neg_gap + (pairs - diag.sum()) / (n * (n - 1)) / 4
+    return dict(pos_cos=pos, neg_cos=neg, z_std=z1.std(0).mean(), pos_gap=pos_gap, neg_gap=neg_gap)
 
 
 # ================================================================================= EMA
@@ -912,7 +935,7 @@ def param_groups(model, cfg, lr_mult=None):
         if not p.requires_grad:
             continue
         lars = cfg.optimizer == "lars" and p.ndim > 1 and lars_applies(name, cfg.lars_params)
-        wd = 0.0 if (cfg.optimizer == "lars" and p.ndim == 1) else cfg.weight_decay
+        wd = cfg.weight_decay if decays(p, cfg) else 0.0
         prefix = next((k for k in (lr_mult or {}) if name.startswith(k)), None)
         g = groups.setdefault((lars, wd, prefix), dict(params=[], names=[], lars=lars, weight_decay=wd))
         if prefix is not None:
@@ -920,6 +943,16 @@ def param_groups(model, cfg, lr_mult=None):
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
+
+
+def decays(p, cfg):
+    """Whether weight decay acts on p. The blog's SGD decays everything; LARS (BYOL paper) spares
+    the 1-D parameters (biases, norm gains). decay_params=weights spares them for SGD too; conv
+    decays only the encoder's conv weights (4-D), each of which feeds a BN/GN or is standardized,
+    so shrinking it changes no output, only its effective lr (which rises as |w| shrinks)."""
+    if cfg.decay_params == "conv":
+        return p.ndim == 4
+    return p.ndim > 1 or (cfg.decay_params == "all" and cfg.optimizer != "lars")
 
 
 def lr_at(step, steps_per_epoch, cfg):
@@ -1001,7 +1034,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     elif cfg.objective == "contrastive" and cfg.queue_init == "data":
         fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt)
     for epoch in range(len(rows), cfg.epochs + 1):
-        sums = torch.zeros(4, device=device)   # loss, pos_cos, neg_cos, z_std: synced once/epoch
+        sums = torch.zeros(len(STATS), device=device)   # the epoch's STATS, synced once an epoch
         lr = tau = None
         if epoch > 0:
             model.train()
@@ -1012,18 +1045,19 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_mult", 1.0)
                 out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part, fmt), tau, amp)
-                sums += torch.stack([out["loss"].detach(), out["pos_cos"], out["neg_cos"], out["z_std"]])
+                sums += torch.stack([out[k].detach() for k in STATS])
                 step += 1
         if n_ranks > 1:   # the epoch's means over the global batch
             dist.all_reduce(sums)
             sums /= n_ranks
-        means = (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * 4
-        diverged = means[0] is not None and not math.isfinite(means[0])
+        means = dict(zip(STATS, (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * len(STATS)))
+        diverged = means["loss"] is not None and not math.isfinite(means["loss"])
         evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
         acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and rank == 0 else {}
-        row = dict(epoch=epoch, loss=means[0], probe_acc=acc.get(cfg.probe_fit), pos_cos=means[1], neg_cos=means[2],
-                   z_std=means[3], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
-                   probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"))
+        row = dict(epoch=epoch, loss=means["loss"], probe_acc=acc.get(cfg.probe_fit), pos_cos=means["pos_cos"],
+                   neg_cos=means["neg_cos"], z_std=means["z_std"], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
+                   probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"),
+                   pos_gap=means["pos_gap"], neg_gap=means["neg_gap"])
         if cfg.optimizer == "lars":
             row.update(lars_lrs(opt))
         row.update({f"lr:{g.get('label', i)}": None if lr is None else lr * g["lr_mult"]
@@ -1037,6 +1071,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
             print(f"  stopping: loss is {row['loss']} at epoch {epoch} (diverged)", file=sys.stderr)
             break
     return rows
+
+
+# the per-step statistics the loop averages over an epoch (BYOL.forward's outputs)
+STATS = ("loss", "pos_cos", "neg_cos", "z_std", "pos_gap", "neg_gap")
 
 
 def check_ranks(cfg, n_ranks):
@@ -1313,7 +1351,7 @@ APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR1
 LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine", lars_form="blog")
 
 COLUMNS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std",
-           "lr", "tau", "wall_s", "probe_liblinear", "probe_standardized"]
+           "lr", "tau", "wall_s", "probe_liblinear", "probe_standardized", "pos_gap", "neg_gap"]
 # --smoke: seconds on synthetic data, same code path and CSV shape (what CI runs)
 SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
              epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
@@ -1437,6 +1475,9 @@ def build_configs(args, presets, variants, extra_variants=None):
     return ("smoke" if args.smoke else preset), configs, cli
 
 
+# Config fields added after the committed results/ were made, with their defaults (config_hash)
+LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all")
+
 # A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
 HOOKS = ("model_fn", "groups_fn")
 
@@ -1449,6 +1490,9 @@ def config_hash(cfg, n_ranks=1, hooks=None):
     variant, seed and final epoch is a finished run of exactly these settings."""
     d = _resumable(cfg)
     del d["seed"]
+    for k, default in LATER_FIELDS.items():   # fields added after results were committed: at their
+        if d[k] == default:                   # default they leave the hash as it was before them
+            del d[k]
     d["precision"] = "bf16" if use_bf16(cfg, get_device(cfg.device)) else "fp32"
     if n_ranks > 1:
         d["processes"] = n_ranks
@@ -1619,7 +1663,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 def log(row, name=name, seed=seed, cfg=cfg):
                     print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}  probe {cell(row['probe_acc']) or '-':>7}"
                           f"  pos_cos {cell(row['pos_cos']) or '-':>9}  neg_cos {cell(row['neg_cos']) or '-':>9}"
-                          f"  z_std {cell(row['z_std']) or '-':>9}  {row['wall_s']:.0f}s", flush=True)
+                          f"  z_std {cell(row['z_std']) or '-':>9}  neg_gap {cell(row['neg_gap']) or '-':>9}"
+                          f"  {row['wall_s']:.0f}s", flush=True)
                     full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name],
                                 **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
                     buffer.append({k: cell(v) for k, v in full.items()})

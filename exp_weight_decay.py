@@ -30,6 +30,11 @@ PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=640))
 
 NO_BN = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2)
 VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-4, 1e-3)}
+# The blog's channels per group at width 8 (4 groups), and decay on the conv weights only
+# (scale-invariant under GN) against decay on everything: results/README.md, 'Recoveries'
+VARIANTS.update({f"wd_{wd:g}_gn4{'_conv' if conv else ''}": dict(NO_BN, weight_decay=wd, gn_groups=4,
+                                                                 **(dict(decay_params="conv") if conv else {}))
+                 for wd in (1e-3,) for conv in (True, False)})
 
 BLOG = {"wd_1e-05": "escapes ~epoch 100; 56% at 320", "wd_0.0001": "occasional recovery",
         "wd_0": "no recovery", "wd_0.001": "no recovery"}
