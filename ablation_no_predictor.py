@@ -17,6 +17,7 @@ Expect (BYOL paper): both no-predictor variants collapse, pos and neg cosine nea
     python ablation_no_predictor.py --epochs 10
 """
 import common
+import harness
 
 PRESETS = common.TABLE1_PRESETS
 
@@ -27,4 +28,4 @@ VARIANTS = {
 }
 
 if __name__ == "__main__":
-    common.main("no_predictor", __doc__, PRESETS, VARIANTS)
+    harness.main("no_predictor", __doc__, PRESETS, VARIANTS)

@@ -20,6 +20,7 @@ Settings: Table 1's presets (common.TABLE1_PRESETS). Expect: unknown; that is th
     python ablation_predictor_lr.py --epochs 10
 """
 import common
+import harness
 
 PRESETS = common.TABLE1_PRESETS
 
@@ -38,4 +39,4 @@ VARIANTS = {
 }
 
 if __name__ == "__main__":
-    common.main("predictor_lr", __doc__, PRESETS, VARIANTS, extra_columns=["lr:predictor"])
+    harness.main("predictor_lr", __doc__, PRESETS, VARIANTS, extra_columns=["lr:predictor"])

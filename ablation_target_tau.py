@@ -18,10 +18,11 @@ the BYOL paper, not measured here): tau_1 well below the others, tau_0 at or bel
     python ablation_target_tau.py --epochs 10
 """
 import common
+import harness
 
 PRESETS = common.TABLE1_PRESETS
 
 VARIANTS = {f"tau_{tau:g}": dict(base_tau=tau) for tau in (0.0, 0.9, 0.99, 0.996, 1.0)}
 
 if __name__ == "__main__":
-    common.main("target_tau", __doc__, PRESETS, VARIANTS)
+    harness.main("target_tau", __doc__, PRESETS, VARIANTS)

@@ -20,6 +20,7 @@ import time
 import torch
 
 import common
+import harness
 
 # Table 1's presets, and the appendix's 'steps' preset (built for steps per second)
 PRESETS = {**common.TABLE1_PRESETS, "steps": common.APPENDIX_PRESETS["steps"]}
@@ -86,9 +87,9 @@ def main():
     args = p.parse_args()
     try:
         if args.steps < 1:
-            raise common.UsageError(f"--steps must be >= 1, got {args.steps}")
-        device = common.get_device(args.device)
-    except common.UsageError as e:
+            raise harness.UsageError(f"--steps must be >= 1, got {args.steps}")
+        device = harness.get_device(args.device)
+    except harness.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")

@@ -41,6 +41,7 @@ except full BN, so that bn_no_affine, center_only and scale_only differ by one s
 in the MLPs, GN has 32 groups (16 features each) and WS standardizes the Linear before it.
 """
 import common
+import harness
 
 PRESETS = {
     **common.TABLE1_PRESETS,
@@ -69,4 +70,4 @@ BLOG = {"no_norm": "Table 1: 28.3 / 1.00 / 1.00", "bn": "Table 1: 57.7 / 0.88 / 
         "gn_ws": "RWBS (ImageNet, 1000 ep): 73.9 vs 74.3 with BN"}
 
 if __name__ == "__main__":
-    common.main("bn_anatomy", __doc__, PRESETS, VARIANTS, BLOG)
+    harness.main("bn_anatomy", __doc__, PRESETS, VARIANTS, BLOG)

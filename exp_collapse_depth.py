@@ -33,6 +33,7 @@ is tuned. Measured table and figure: results/README.md, 'What sets the depth of 
     python plot_results.py --depth runs/collapse_depth_steps.csv
 """
 import common
+import harness
 
 C1 = dict(encoder_norm="bn", proj_norm="none", pred_norm="none", lr=0.8, weight_decay=1e-4)
 D1 = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2, weight_decay=1e-5)
@@ -59,4 +60,4 @@ VARIANTS = {**{f"c1_{k}": dict(C1, **v) for k, v in C1_LEVERS.items()},
 PRESETS = dict(common.APPENDIX_PRESETS, steps=dict(STEPS, epochs=12, eval_every=0))
 
 if __name__ == "__main__":
-    common.main("collapse_depth", __doc__, PRESETS, VARIANTS)
+    harness.main("collapse_depth", __doc__, PRESETS, VARIANTS)

@@ -28,6 +28,7 @@ standardized fit is logged beside it (probe_standardized). The lr values are abs
 scaled by batch size, in every preset.
 """
 import common
+import harness
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 160 epochs = 12,480 steps, past D2's first separation (blog: epoch ~20, 8,200 steps); C2's
@@ -55,4 +56,4 @@ BLOG = {"sgd_no_mlp_bn": "33.7 -> 17.7 (ep 10 -> 319)", "lars_lr0.1": "9.6 -> 9.
         "lars_lr0.2": "41.6 -> 70.6", "sgd_mlp_bn": "53.7 -> 75.1", "ws_sgd_no_mlp_bn": "final 51"}
 
 if __name__ == "__main__":
-    common.main("encoder_gn", __doc__, PRESETS, VARIANTS, BLOG)
+    harness.main("encoder_gn", __doc__, PRESETS, VARIANTS, BLOG)

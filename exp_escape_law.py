@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import harness
 
 RISE = 3.0          # a loss this many times its lowest value so far counts as the escape
 COLLAPSED = 0.999   # negative cosine at or above this: collapsed
@@ -53,12 +54,20 @@ LRS = (0.2, 0.1)
 D1 = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", eval_every=10)
 VARIANTS = {f"lr{lr:g}_wd{p / lr:.3g}": dict(D1, lr=lr, weight_decay=float(f"{p / lr:.3g}")) for p in PRODUCTS
             for lr in LRS}
+# Two controls that passive decay would fail, outside the grid and its fit (--variants names them):
+# momentum 0.8 instead of 0.9 (decay alone: e-folds lr x wd x steps / (1 - momentum), so the rise
+# comes after 2x the steps), and lr 8x lower than lr0.2_wd0.0005 at the same lr x wd (decay alone:
+# the same step)
+CONTROLS = {"ctl_m0.8_lr0.2_wd0.0005": dict(D1, lr=0.2, weight_decay=5e-4, momentum=0.8),
+            "ctl_lr0.025_wd0.004": dict(D1, lr=0.025, weight_decay=4e-3)}
 BLOG = {}   # the blog has one point, lr 0.2 / wd 1e-5: rise near 41,000 steps (epoch ~100)
 
 
 def epochs_for(cfg, steps_per_epoch=78):
-    """Epochs until lr x wd x steps reaches CLOCK (the nominal lr; the cosine has barely moved)."""
-    return math.ceil(CLOCK / (cfg["lr"] * cfg["weight_decay"]) / steps_per_epoch)
+    """Epochs until lr x wd x steps reaches CLOCK (the nominal lr; the cosine has barely moved),
+    in e-folds of the decay: at momentum 0.8 twice as long as at 0.9."""
+    efolds = CLOCK / (1 - 0.9) * (1 - cfg.get("momentum", 0.9))
+    return math.ceil(efolds / (cfg["lr"] * cfg["weight_decay"]) / steps_per_epoch)
 
 
 # steps: each variant's own length is set by --epochs per run in run_all; the preset's value is the
@@ -89,9 +98,9 @@ def preset_config(csv_path):
     """The Config of the preset a CSV was made with (its name: escape_law_<preset>.csv)."""
     preset = Path(csv_path).stem.removeprefix("escape_law_")
     if preset == "smoke":
-        return common.Config(**{**PRESETS["cpu"], **common.SMOKE})
+        return common.Config(**{**PRESETS["cpu"], **harness.SMOKE})
     if preset not in PRESETS:
-        raise common.UsageError(f"{csv_path}: not an escape_law_<preset>.csv of this script")
+        raise harness.UsageError(f"{csv_path}: not an escape_law_<preset>.csv of this script")
     return common.Config(**PRESETS[preset])
 
 
@@ -111,7 +120,7 @@ def analyze(csv_path):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and not {"cfg_lr", "cfg_weight_decay", "neg_cos"} <= rows[0].keys():
-        raise common.UsageError(f"{csv_path}: not a results CSV of exp_escape_law.py")
+        raise harness.UsageError(f"{csv_path}: not a results CSV of exp_escape_law.py")
     runs = {}
     for r in rows:
         runs.setdefault((r["variant"], int(r["seed"]), r["cfg_hash"]), []).append(r)
@@ -132,7 +141,8 @@ def analyze(csv_path):
 
 def fit(rows, key):
     """(slope, standard error, n) of log10(step) on log10(lr x wd) over runs that escaped."""
-    pts = [(math.log10(r["lr_wd"]), math.log10(r[f"{key}_step"])) for r in rows if r[f"{key}_step"]]
+    pts = [(math.log10(r["lr_wd"]), math.log10(r[f"{key}_step"])) for r in rows
+           if r[f"{key}_step"] and r["variant"] in VARIANTS]   # the grid: controls are not in the fit
     if len({x for x, _ in pts}) < 2:
         return None, None, len(pts)
     x, y = np.array(pts).T
@@ -142,10 +152,10 @@ def fit(rows, key):
 
 def report(csv_path):
     if not Path(csv_path).is_file():
-        raise common.UsageError(f"{csv_path}: no such file")
+        raise harness.UsageError(f"{csv_path}: no such file")
     rows = analyze(csv_path)
     if not rows:
-        raise common.UsageError(f"{csv_path}: no runs to analyze")
+        raise harness.UsageError(f"{csv_path}: no runs to analyze")
     print(f"\nescape from collapse (rise: loss > {RISE:g}x its lowest so far; turn: that lowest epoch), "
           f"{steps_per_epoch(preset_config(csv_path))} steps an epoch; blog (lr 0.2, wd 1e-5): turn ~24,600 steps (0.049), rise ~41,000 (0.082)")
     print(f"{'variant':<18}{'seed':>5}{'lr x wd':>10}{'turn step':>11}{'decay':>8}{'rise step':>11}{'decay':>8}")
@@ -176,6 +186,7 @@ def figure(rows, slopes, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4.3))
+    rows = [r for r in rows if r["variant"] in VARIANTS]   # the grid (the controls are in the table)
     for key, marker in (("turn", "o"), ("rise", "s")):
         for i, lr in enumerate(sorted({r["lr"] for r in rows})):
             pts = [(r["lr_wd"], r[f"{key}_step"]) for r in rows if r["lr"] == lr and r[f"{key}_step"]]
@@ -197,17 +208,18 @@ def figure(rows, slopes, png):
 
 def run_all(argv):
     """Each variant with its own length (epochs_for), unless --epochs is given."""
-    probe = common.get_parser(__doc__, PRESETS, VARIANTS).parse_args(argv)
+    probe = harness.get_parser(__doc__, PRESETS, VARIANTS).parse_args(argv)
     names = [v for v in probe.variants.split(",") if v] or list(VARIANTS)
+    every = {**VARIANTS, **CONTROLS}
     # one plain run: a fixed length, another preset, or an unknown name (main's one-line error
     # before any training)
     if (probe.epochs is not None or probe.smoke or (probe.preset or "") != "steps"
-            or any(name not in VARIANTS for name in names)):
-        return common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv)
+            or any(name not in every for name in names)):
+        return harness.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, argv=argv, extra_variants=CONTROLS)
     path = None
     for name in names:
-        path = common.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG,
-                           argv=[*argv, "--variants", name, "--epochs", str(epochs_for(VARIANTS[name]))])
+        path = harness.main("escape_law", __doc__, PRESETS, VARIANTS, BLOG, extra_variants=CONTROLS,
+                            argv=[*argv, "--variants", name, "--epochs", str(epochs_for(every[name]))])
     return path
 
 
@@ -220,6 +232,6 @@ if __name__ == "__main__":
         csv_path = run_all(sys.argv[1:])
     try:
         report(csv_path)
-    except common.UsageError as e:
+    except harness.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

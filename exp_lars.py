@@ -33,6 +33,7 @@ effect), lr 0.2 unless named; in the partial-LARS variants the other weights get
 with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 32 groups.
 """
 import common
+import harness
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 130 epochs = 10,140 steps, past C1's escape (blog: epochs 12-15, 4,900-6,200 steps)
@@ -59,4 +60,4 @@ BLOG = {"bn_sgd_no_mlp_bn": "30.1 (ep 10) -> 72.1 (ep 319)", "bn_lars_no_mlp_bn"
         "gn_lars_mlp": "re-collapses", "gn_lars_lr0.5": "recovers after ep 2", "gn_lars_lr0.1": "no recovery"}
 
 if __name__ == "__main__":
-    common.main("lars", __doc__, PRESETS, VARIANTS, BLOG, extra_columns=common.LARS_LR_COLUMNS)
+    harness.main("lars", __doc__, PRESETS, VARIANTS, BLOG, extra_columns=common.LARS_LR_COLUMNS)

@@ -37,6 +37,7 @@ initial statistics (what model.eval() gives); random_bn_recomputed re-estimates 
 statistics on the probe's images first (not in the default grid: pass --variants).
 """
 import common
+import harness
 
 PRESETS = common.TABLE1_PRESETS   # blog / cifar10: 10 of 320 epochs; cpu: 12 of 320 epochs, 10k images
 
@@ -57,4 +58,4 @@ BLOG = {"contrastive": "44.1 / 0.90 / 0.53", "byol": "57.7 / 0.88 / 0.27",
         "no_norm": "28.3 / 1.00 / 1.00", "layer_norm": "29.4 / 1.00 / 1.00", "random": "28.8"}
 
 if __name__ == "__main__":
-    common.main("table1", __doc__, PRESETS, VARIANTS, BLOG, extra_variants=EXTRA_VARIANTS)
+    harness.main("table1", __doc__, PRESETS, VARIANTS, BLOG, extra_variants=EXTRA_VARIANTS)

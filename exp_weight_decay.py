@@ -23,6 +23,7 @@ standardization) and no norm in the MLPs; weight decay on every parameter (as th
 tau 0.996 constant; lr 0.2 in every preset (absolute, not scaled by batch size).
 """
 import common
+import harness
 
 PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 640 epochs = 49,920 steps, past D1's escape (blog: epoch ~100, 41,000 steps at lr 0.2, wd 1e-5)
@@ -40,4 +41,4 @@ BLOG = {"wd_1e-05": "escapes ~epoch 100; 56% at 320", "wd_0.0001": "occasional r
         "wd_0": "no recovery", "wd_0.001": "no recovery"}
 
 if __name__ == "__main__":
-    common.main("weight_decay", __doc__, PRESETS, VARIANTS, BLOG)
+    harness.main("weight_decay", __doc__, PRESETS, VARIANTS, BLOG)

@@ -11,7 +11,7 @@ import csv
 import sys
 from pathlib import Path
 
-import common
+import harness
 
 
 def read_csv(path):
@@ -28,9 +28,9 @@ def read_csv(path):
         rows = rows[:-1]
     bad = [i for i, r in enumerate(rows) if None in r.values() or None in r]
     if bad:
-        raise common.UsageError(f"{path}: line {bad[0] + 2} has the wrong number of cells")
+        raise harness.UsageError(f"{path}: line {bad[0] + 2} has the wrong number of cells")
     if "variant" not in reader.fieldnames or "epoch" not in reader.fieldnames:
-        raise common.UsageError(f"{path} is not a results CSV (no variant/epoch columns)")
+        raise harness.UsageError(f"{path} is not a results CSV (no variant/epoch columns)")
     return reader.fieldnames, rows
 
 
@@ -43,15 +43,15 @@ def merge(paths):
         if header is None:
             header = fields
         elif fields != header:
-            raise common.UsageError(f"{path} has other columns than {paths[0]}")
+            raise harness.UsageError(f"{path} has other columns than {paths[0]}")
         for r in rows:
             key = (r["variant"], r.get("cfg_hash", ""), r["seed"], r["epoch"])
             other = merged.setdefault(key, r)
             if {k: v for k, v in other.items() if k != "wall_s"} != {k: v for k, v in r.items() if k != "wall_s"}:
-                raise common.UsageError(f"{path}: variant {key[0]} seed {key[2]} epoch {key[3]} disagrees "
+                raise harness.UsageError(f"{path}: variant {key[0]} seed {key[2]} epoch {key[3]} disagrees "
                                         f"with an earlier file")
     if header is None:
-        raise common.UsageError("no rows in any of the given files")
+        raise harness.UsageError("no rows in any of the given files")
     order = sorted(merged, key=lambda k: (k[0], k[1], int(k[2]), int(k[3])))
     return header, [merged[k] for k in order]
 
@@ -64,16 +64,16 @@ def main(argv=None):
     try:
         missing = [c for c in args.csvs if not Path(c).is_file()]
         if missing:
-            raise common.UsageError(f"not found: {', '.join(missing)}")
+            raise harness.UsageError(f"not found: {', '.join(missing)}")
         header, rows = merge(args.csvs)
         if Path(args.out).exists():
-            raise common.UsageError(f"{args.out} exists; choose another --out")
-        common.rewrite_rows(Path(args.out), header, rows)
-    except (common.UsageError, OSError) as e:
+            raise harness.UsageError(f"{args.out} exists; choose another --out")
+        harness.rewrite_rows(Path(args.out), header, rows)
+    except (harness.UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {len(rows)} rows to {args.out}")
-    common.print_summary(rows, list(dict.fromkeys(r["variant"] for r in rows)), {})
+    harness.print_summary(rows, list(dict.fromkeys(r["variant"] for r in rows)), {})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ ghost BN group size k, and a bar chart of BN's parts.
     python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
     python plot_results.py --recovery results/steps/lars_steps.csv --steps-per-epoch 78
                          # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered
+    python plot_results.py --depth results/steps/depth/collapse_depth_steps.csv
+                         # markdown and figure: each lever's last-epoch loss, gaps and z_std
 
 Uses matplotlib (plots are the one place a library clearly beats hand-written code).
 """
@@ -193,36 +195,87 @@ def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_
     return "\n".join(out)
 
 
+RISE = 5.0   # a recovery: after collapse the probe rises this many points above the untrained encoder
+
+
 def recovery(csv_path, steps_per_epoch):
     """A markdown table of how far each run was taken and whether it left collapse: steps,
-    lr x wd x steps (the decay's clock: wd times the logged lr summed over the steps), the epoch it
-    collapsed (negative cosine >= 0.999), its lowest negative cosine after that, the epoch it
-    recovered (negative cosine back to <= 0.9), and the probe: untrained, best after collapse, last."""
+    lr x wd x steps (the decay's clock: wd times the logged lr summed over the steps) and the same
+    in e-folds of the decayed weights, lr x wd x steps / (1 - momentum); the epoch it collapsed
+    (negative cosine >= 0.999); its lowest negative cosine after that and the first epoch back at
+    <= 0.9; and both probes (blog / standardized): untrained, best after collapse, last.
+    'recovered' = the blog probe after collapse >= RISE points above the untrained encoder, with
+    the first epoch it got there."""
     rows = read_results(csv_path)
     runs = defaultdict(list)
     for r in rows:
         runs[(r["variant"], r["seed"])].append(r)
-    out = ["| variant | seed | epochs | steps | lr x wd x steps | collapsed at | lowest neg. cos after | "
-           "recovered at | probe: untrained / best after collapse / last |", "|---" * 9 + "|"]
+    out = ["| variant | seed | steps | lr x wd x steps | e-folds | collapsed at | lowest neg. cos after | "
+           "neg. cos <= 0.9 at | blog probe: untrained / best after / last | std. probe: same | recovered |",
+           "|---" * 11 + "|"]
     for (v, seed), rs in runs.items():
         rs.sort(key=lambda r: int(r["epoch"]))
         wd = rs[0].get("cfg_weight_decay") or ""
+        beta = float(rs[0].get("cfg_momentum") or 0.9)
         lrs = [float(r["lr"]) for r in rs if r["lr"] not in ("", None)]
-        clock = f"{float(wd) * sum(lrs) * steps_per_epoch:.3f}" if wd else "-"
+        clock = float(wd) * sum(lrs) * steps_per_epoch if wd else None
         neg = [(int(r["epoch"]), float(r["neg_cos"])) for r in rs if r["neg_cos"] not in ("", None)]
         start = next((e for e, c in neg if c >= 0.999), None)
         after = [(c, e) for e, c in neg if start is not None and e >= start]
         low = min(after) if after else None
         back = next((e for c, e in after if c <= 0.9), None)   # after is in epoch order
-        probes = [(int(r["epoch"]), float(r["probe_acc"])) for r in rs if r["probe_acc"] not in ("", None)]
-        best = max((a for e, a in probes if start is not None and e >= start), default=None)
-        cells = [v, seed, rs[-1]["epoch"], str(int(rs[-1]["epoch"]) * steps_per_epoch), clock,
+
+        def probe(col):
+            pts = [(int(r["epoch"]), float(r[col])) for r in rs if r.get(col) not in ("", None)]
+            untrained = pts[0][1] if pts and pts[0][0] == 0 else None
+            post = [(e, a) for e, a in pts if start is not None and e >= start]
+            best = max((a for _, a in post), default=None)
+            return untrained, best, (pts[-1][1] if pts else None), post
+        u, best, last, post = probe("probe_acc")
+        su, sbest, slast, _ = probe("probe_standardized")
+        rec = next((e for e, a in post if u is not None and a >= u + RISE), None)
+        fmt = lambda xs: " / ".join("-" if x is None else f"{x:.1f}" for x in xs)   # noqa: E731
+        cells = [v, seed, str(int(rs[-1]["epoch"]) * steps_per_epoch),
+                 "-" if clock is None else f"{clock:.3f}", "-" if clock is None else f"{clock / (1 - beta):.2f}",
                  str(start) if start is not None else "never",
                  f"{low[0]:.4f} (ep {low[1]})" if low else "-", str(back) if back is not None else "no",
-                 " / ".join("-" if x is None else f"{x:.1f}" for x in
-                            (probes[0][1] if probes and probes[0][0] == 0 else None, best, probes[-1][1] if probes else None))]
+                 fmt((u, best, last)), fmt((su, sbest, slast)), f"yes (ep {rec})" if rec is not None else "no"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+DEPTH = ("loss", "pos_gap", "neg_gap", "z_std", "probe_acc", "probe_standardized")
+
+
+def depth_figure(csv_path):
+    """<csv>_depth.png: each variant's last-epoch loss and neg_gap (log scale, one dot a seed),
+    beside the blog's floors (D1's loss ~1e-4, D2's ~1e-3)."""
+    rows = read_results(csv_path)
+    last = {}
+    for r in rows:
+        key = (r["variant"], r["seed"])
+        if key not in last or int(r["epoch"]) > int(last[key]["epoch"]):
+            last[key] = r
+    names = list(dict.fromkeys(v for v, _ in last))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
+    for ax, col in zip(axes, ("loss", "neg_gap")):
+        for i, v in enumerate(names):
+            vals = [float(r[col]) for (name, _), r in last.items() if name == v and r.get(col) not in ("", None)]
+            ax.scatter([max(x, 1e-16) for x in vals], [i] * len(vals), color="C0" if v.startswith("c1") else "C1")
+        if col == "loss":
+            for y, label in ((1e-4, "blog D1 floor"), (1e-3, "blog D2 floor")):
+                ax.axvline(y, ls="--", color="gray")
+                ax.text(y, -1, label, fontsize=7, ha="center")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"last epoch {col}" + (" (1 - neg. cos, without cancellation)" if col == "neg_gap" else ""))
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Depth of collapse: {Path(csv_path).name}")
+    fig.tight_layout()
+    out = Path(csv_path).with_name(Path(csv_path).stem + "_depth.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv):
@@ -230,6 +283,12 @@ def main(argv):
         if len(argv) != 4 or argv[2] != "--steps-per-epoch" or not argv[3].isdigit() or int(argv[3]) < 1:
             raise ValueError("usage: --recovery CSV --steps-per-epoch N (N >= 1; 78 for the appendix's cpu and steps presets)")
         print(recovery(argv[1], int(argv[3])))
+        return
+    if argv[:1] == ["--depth"]:
+        if len(argv) != 2:
+            raise ValueError("usage: --depth CSV (a collapse_depth CSV): its table, and <csv>_depth.png")
+        print(table(argv[1], columns=DEPTH))
+        print(f"figure: {depth_figure(argv[1])}")
         return
     if argv[:1] == ["--table"]:
         if len(argv) < 2:

@@ -1,5 +1,6 @@
-"""Tests of common.py and the exp_*.py scripts. CPU only, no downloads: pytest -q"""
-import csv
+"""Tests of the research code, common.py: networks, loss, EMA, LARS, augmentations, probe, data
+loaders, the training loop. CPU only (conftest.py hides GPUs), no downloads:
+pytest -q test_common.py test_harness.py"""
 import dataclasses
 import math
 import os
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 
 import common
+import harness
 
 ROOT = Path(__file__).resolve().parent
 SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
@@ -132,7 +134,7 @@ def test_ghost_groups_and_the_parts_of_batchnorm():
 
 
 def test_mlp_unknown_norm_raises():
-    with pytest.raises(common.UsageError):
+    with pytest.raises(harness.UsageError):
         common.build_mlp(4, 8, 4, "batchnorm")
 
 
@@ -489,6 +491,38 @@ def test_probe_features_are_fp32_under_bf16():
     assert common.linear_probe(enc, data, dataclasses.replace(SMALL, precision="bf16"), cpu) == fp32
 
 
+def _tf32_flags():
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_tf32_is_off_where_fp32_is_promised(monkeypatch):
+    """cuDNN runs fp32 convolutions as TF32 unless told not to: the probe's features and
+    precision=fp32 training turn TF32 off (convolutions and matmuls) and restore the flags after;
+    bf16 training leaves them as they were. The flags are readable on any machine."""
+    before = _tf32_flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_tf32_scopes(monkeypatch)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _check_tf32_scopes(monkeypatch):
+    seen = []
+    enc = common.BYOL(SMALL).online_encoder
+    real_forward = enc.forward
+    monkeypatch.setattr(enc, "forward", lambda x: (seen.append(_tf32_flags()), real_forward(x))[1])
+    common.extract_features(enc, common.make_synthetic(8, 8)["test_x"], *common.mean_std("synthetic", "cpu"), "cpu")
+    assert seen and set(seen) == {(False, False)} and _tf32_flags() == (True, True)
+    real_step = common.train_step
+    for precision, inside in (("fp32", (False, False)), ("bf16", (True, True))):
+        seen.clear()
+        monkeypatch.setattr(common, "train_step", lambda *a: (seen.append(_tf32_flags()), real_step(*a))[1])
+        cfg = dataclasses.replace(SMALL, precision=precision, epochs=1, eval_every=0)
+        common.train_byol(cfg, data=common.make_synthetic(128, 64))
+        assert set(seen) == {inside} and _tf32_flags() == (True, True)
+
+
 def test_probe_does_not_touch_the_encoder():
     data = common.make_synthetic(64, 64)
     model = common.BYOL(SMALL)
@@ -528,21 +562,21 @@ def _write_cifar(folder, n=20):
 
 
 def test_cifar_loader_and_errors(tmp_path):
-    _write_cifar(tmp_path / common.CIFAR_DIR)
+    _write_cifar(tmp_path / harness.CIFAR_DIR)
     d = common.load_dataset("cifar10", str(tmp_path))
     assert d["train_x"].shape == (100, 3, 32, 32) and d["train_x"].dtype == torch.uint8
     assert d["test_x"].shape == (20, 3, 32, 32) and d["test_y"].dtype == torch.int64
-    raw = pickle.load(open(tmp_path / common.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
+    raw = pickle.load(open(tmp_path / harness.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
     assert d["train_x"][0, 1, 0, 0] == raw[b"data"][0, 1024]     # planar R, G, B
-    with pytest.raises(common.UsageError, match="looked in"):
+    with pytest.raises(harness.UsageError, match="looked in"):
         common.load_dataset("cifar10", str(tmp_path / "nowhere"))
-    (tmp_path / common.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(common.UsageError, match="unreadable"):
+    (tmp_path / harness.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(harness.UsageError, match="unreadable"):
         common.load_dataset("cifar10", str(tmp_path))
 
 
 def test_stl10_loader_reads_the_binary_layout(tmp_path):
-    folder = tmp_path / common.STL_DIR
+    folder = tmp_path / harness.STL_DIR
     folder.mkdir()
     rng = np.random.default_rng(0)
     images = {s: rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8) for s, n in
@@ -558,7 +592,7 @@ def test_stl10_loader_reads_the_binary_layout(tmp_path):
     assert torch.equal(d["pretrain_x"][4:], torch.from_numpy(images["unlabeled"]))
     assert d["train_y"].tolist() == [0, 1, 2, 3]                 # 1..10 on disk -> 0..9
     (folder / "test_X.bin").write_bytes(b"\x00" * 1000)
-    with pytest.raises(common.UsageError, match="whole number"):
+    with pytest.raises(harness.UsageError, match="whole number"):
         common.load_dataset("stl10", str(tmp_path))
 
 
@@ -638,335 +672,11 @@ def test_bad_config_values_raise():
     for bad in (dict(epochs=-1), dict(proj_norm="batch"), dict(batch_size=0), dict(base_tau=1.5),
                 dict(objective="contrastive", queue_size=8), dict(mlp_bn_group=1), dict(mlp_bn_group=48),
                 dict(mlp_bn_group=-2)):
-        with pytest.raises(common.UsageError):
-            common.check_config(dataclasses.replace(SMALL, **bad))
-    with pytest.raises(common.UsageError, match="batch_size"):
+        with pytest.raises(harness.UsageError):
+            harness.check_config(dataclasses.replace(SMALL, **bad))
+    with pytest.raises(harness.UsageError, match="batch_size"):
         common.train_byol(dataclasses.replace(SMALL, batch_size=5000), data=common.make_synthetic(64, 64))
 
-
-# ------------------------------------------------------------------------ the scripts
-
-SCRIPTS = sorted(p.name for p in [*ROOT.glob("exp_*.py"), *ROOT.glob("ablation_*.py")])
-
-
-def _run(args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_script_smoke_writes_the_csv(script, tmp_path):
-    r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-    (csv_path,) = tmp_path.glob("*_smoke.csv")
-    rows = list(csv.DictReader(open(csv_path)))
-    assert set(common.COLUMNS) <= set(rows[0])
-    mod = __import__(script[:-3])
-    assert {r["variant"] for r in rows} == set(mod.VARIANTS)
-    for v in mod.VARIANTS:
-        epochs = [int(r["epoch"]) for r in rows if r["variant"] == v]
-        assert epochs == list(range(max(epochs) + 1))
-        last = [r for r in rows if r["variant"] == v][-1]
-        assert last["probe_acc"] != ""
-    # rerunning reuses the finished runs instead of duplicating them
-    r = _run([str(ROOT / script), "--smoke", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0 and f"reused {len(mod.VARIANTS)} finished run(s)" in r.stdout
-    assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
-    if script == "exp_bn_anatomy.py":   # its extra figure: accuracy against k, parts as bars
-        r = _run([str(ROOT / "plot_results.py"), str(csv_path)], tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert (tmp_path / "bn_anatomy_smoke_k_parts.png").stat().st_size > 10000
-
-
-def test_interrupted_run_is_dropped_and_torn_line_repaired_on_disk(tmp_path):
-    script = str(ROOT / "exp_table1_norms.py")
-    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-    path = tmp_path / "table1_smoke.csv"
-    lines = path.read_text().splitlines()
-    byol_rows = [l for l in lines if l.startswith("table1,byol,")]
-    # simulate a crash: byol's last epoch missing, and a torn half line at the end
-    kept = [l for l in lines if l != byol_rows[-1]]
-    path.write_text("\n".join(kept) + "\n" + byol_rows[-1][:12])
-    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout and "[byol seed 0]" in r.stdout
-    rows = list(csv.DictReader(open(path)))
-    assert all(None not in row.values() for row in rows)
-    assert sorted(int(r["epoch"]) for r in rows if r["variant"] == "byol") == [0, 1, 2]
-    assert len([r for r in rows if r["variant"] == "random"]) == 1
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert all(None not in r.values() and None not in r for r in rows), "a glued or short line"
-    return rows
-
-
-def test_only_identical_settings_are_reused(tmp_path):
-    """A rerun reuses exactly the finished runs of the same full config; any changed setting
-    trains; the summary shows only the requested runs; --fresh retrains and replaces."""
-    base = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--epochs", "1",
-            "--out", str(tmp_path)]
-    path = tmp_path / "table1_smoke.csv"
-    r = _run(base, tmp_path)
-    assert r.returncode == 0, r.stderr
-    first = _rows(path)
-    r = _run(base, tmp_path)                                  # the same settings: reused
-    assert r.returncode == 0 and "reused 1 finished run(s)" in r.stdout and "epoch   1" not in r.stdout
-    assert _rows(path) == first
-    assert "other settings" not in r.stdout
-    r = _run(base + ["--set", "lr=0.05"], tmp_path)           # a changed setting: trains, says why
-    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
-    assert "1 earlier run(s) of these variants and seeds" in r.stdout
-    rows = _rows(path)
-    assert len(rows) == 2 * len(first) and len({row["cfg_hash"] for row in rows}) == 2
-    new = [row for row in rows if row["cfg_hash"] != first[0]["cfg_hash"]]
-    assert {row["cfg_lr"] for row in new} == {"0.05"}
-    # the summary shows the requested run's last epoch, not the other config's
-    summary = r.stdout.split("last epoch")[1]
-    assert f"{float(new[-1]['probe_acc']):.4g}" in summary
-    r = _run(base + ["--epochs", "2"], tmp_path)              # so does another epoch count
-    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   2" in r.stdout
-    n = len(_rows(path))
-    r = _run(base + ["--fresh"], tmp_path)                    # --fresh: retrains, replaces its rows
-    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
-    assert len(_rows(path)) == n
-
-
-def test_csv_with_a_torn_tail_or_empty_is_repaired_before_appending(tmp_path):
-    path = tmp_path / "table1_smoke.csv"
-    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path)]
-    path.write_text("")                                       # an empty file: gets its header
-    r = _run(args + ["--variants", "random"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert len(_rows(path)) == 1
-    with open(path, "a") as f:                                # a crash mid-append after it finished
-        f.write("table1,random,1,0,,23.4")
-    r = _run(args + ["--variants", "random", "--seeds", "0,1"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout
-    rows = _rows(path)
-    assert [row["seed"] for row in rows] == ["0", "1"]
-    assert path.read_text().endswith("\n")
-    r = _run([str(ROOT / "plot_results.py"), str(path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-
-
-def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    (tmp_path / "afile").write_text("x")
-    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/x")):
-        code, err = _main_in_process(["--smoke", "--out", str(out)], capsys)
-        assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
-    # a read-only CSV (the tests may run as root, for whom chmod does not block writes: fake it)
-    csv_path = tmp_path / "ro" / "table1_smoke.csv"
-    csv_path.parent.mkdir()
-    csv_path.write_text("")
-    real = os.access
-    monkeypatch.setattr(common.os, "access", lambda p, mode: False if Path(p) == csv_path else real(p, mode))
-    trained = []
-    monkeypatch.setattr(common, "train_byol", lambda *a, **k: trained.append(1))
-    code, err = _main_in_process(["--smoke", "--out", str(csv_path.parent)], capsys)
-    assert code == 2 and "not a writable file" in err and not trained
-
-
-def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path):
-    # 12 epochs (several seconds): the first run is still training when the second one starts
-    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "12",
-            "--set", "eval_every=0", "--out", str(tmp_path)]
-    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in first.stdout:                                 # the first run holds the lock now
-        if line.startswith("[byol seed 0]"):
-            break
-    second = _run(args[1:], tmp_path)
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
-    assert second.returncode == 2 and "another run" in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1
-    rows = _rows(tmp_path / "table1_smoke.csv")
-    assert [int(r["epoch"]) for r in rows] == list(range(13))
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-
-
-def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path, capsys):
-    ckpt = tmp_path / "run.pt"
-    ckpt.write_bytes(b"PK\x03\x04 truncated")
-    cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
-    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=ckpt)
-    assert [r["epoch"] for r in rows] == [0, 1]
-    assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
-
-
-def _main_in_process(argv, capsys):
-    """exp_table1_norms.py's main with argv, in this process: (exit code, stderr)."""
-    import exp_table1_norms as t1
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        common.main("table1", t1.__doc__, t1.PRESETS, t1.VARIANTS, t1.BLOG, argv=argv)
-    return e.value.code, capsys.readouterr().err
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--variants", "nope"], "unknown variant"),
-    (["--epochs", "-1"], "epochs"),
-    (["--set", "proj_norm=batch"], "proj_norm"),
-    (["--set", "lr=fast"], "not a valid float"),
-    (["--set", "compile=maybe"], "not a bool"),
-    (["--seeds", "x"], "--seeds"),
-    (["--seeds", "99999999999"], "--seeds"),
-    (["--seeds", "0,0"], "twice"),
-    (["--seeds", "1,99999999999"], "--seeds"),
-    (["--batch-size", "100000"], "batch_size"),
-    (["--batch-size", "1"], "batch_size must be >= 2"),
-    (["--device", "meta"], "--device"),
-    (["--device", "mps"], "--device"),
-    (["--device", "cuda:7"], "--device"),
-    (["--set", "encoder_norm=gn", "--set", "width=40"], "GroupNorm"),
-    (["--set", "lr=nan"], "lr must be finite"),
-    (["--set", "lr=inf"], "lr must be finite"),
-    (["--set", "temperature=0"], "temperature"),
-    (["--set", "momentum=-1"], "momentum"),
-    (["--set", "weight_decay=-1e-4"], "weight_decay"),
-    (["--set", "image_size=4"], "image_size must be 0"),
-    (["--set", "image_size=64"], "larger than the synthetic images"),
-    (["--set", "schedule_epochs=-1"], "schedule_epochs"),
-])
-def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
-    code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-
-
-def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monkeypatch):
-    r = _run([str(ROOT / "exp_lars.py"), "--help"], tmp_path)
-    assert r.returncode == 0
-    for field in dataclasses.fields(common.Config):
-        assert f"  {field.name} = " in r.stdout, field.name
-    assert "lars_form = \"blog\" [blog|byol]" in r.stdout
-    # --set over a variant's own value: a warning, and the header prints the value used
-    seen = []
-    monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
-    import ablation_target_tau as tau
-    capsys.readouterr()
-    common.main("target_tau", tau.__doc__, tau.PRESETS, tau.VARIANTS,
-                argv=["--smoke", "--variants", "tau_0", "--set", "base_tau=0.5", "--out", str(tmp_path)])
-    out, err = capsys.readouterr()
-    assert "replaces variant tau_0's own base_tau=0.0" in err
-    assert "[tau_0 seed 0] base_tau=0.5" in out and seen[0].base_tau == 0.5
-
-
-def test_bad_input_exits_2_with_one_line_as_a_script(tmp_path):
-    """The same from a shell, where a traceback would show."""
-    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), "--set", "lr=nan"], tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    for args in (["--device", "bogus"], ["--steps", "0"]):
-        r = _run([str(ROOT / "bench.py"), *args], tmp_path)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "other.csv")], tmp_path)
-    assert r.returncode == 2 and "not a results CSV" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_missing_data_folder_exits_2(tmp_path):
-    r = _run([str(ROOT / "exp_table1_norms.py"), "--preset", "cifar10", "--data-dir", str(tmp_path / "none"),
-              "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
-    folder = tmp_path / common.CIFAR_DIR
-    folder.mkdir()
-    # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
-    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != folder)
-    with pytest.raises(common.UsageError, match="permission denied"):
-        common.load_dataset("cifar10", str(tmp_path))
-
-
-def test_diverged_run_stops_and_is_recorded(tmp_path):
-    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--set", "lr=1e12",
-              "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "diverged" in r.stderr
-    rows = list(csv.DictReader(open(tmp_path / "table1_smoke.csv")))
-    assert rows[-1]["loss"] in ("nan", "inf") and int(rows[-1]["epoch"]) < 2
-
-
-def test_plot_results_draws_every_csv(tmp_path):
-    r = _run([str(ROOT / "exp_lars.py"), "--smoke", "--variants", "bn_sgd_mlp_bn,gn_lars_layer12",
-              "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stderr
-    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "lars_smoke.csv")], tmp_path)
-    assert r.returncode == 0, r.stderr
-    png = tmp_path / "lars_smoke.png"
-    assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"
-    r = _run([str(ROOT / "plot_results.py"), "--table", str(tmp_path / "lars_smoke.csv")], tmp_path)
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and lines[0].startswith("| variant | epoch | seeds | probe_acc")
-    assert [l.split(" | ")[0] for l in lines[2:]] == ["| bn_sgd_mlp_bn", "| gn_lars_layer12"]
-
-
-def test_results_table_is_mean_and_sample_std_and_keeps_small_values(tmp_path):
-    import plot_results
-    path = tmp_path / "t.csv"
-    cols = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerow(["x", "wd", 0, 8, 1e-7, 20.0, 0.99999, 0.99999, 5e-5])
-        w.writerow(["x", "wd", 1, 7, 1e-7, 99.0, 0.5, 0.5, 1.0])     # not the last epoch: left out
-        w.writerow(["x", "wd", 1, 8, 1e-7, 22.0, 0.99999, 0.99999, 4e-5])
-    row = plot_results.table(path).splitlines()[2]
-    # probe 21.0 ± sqrt(2); z_std 4.5e-5 ± 7.07e-6 must not print as 0.0000 ± 0.0000
-    assert row == "| wd | 8 | 2 | 21.0 ± 1.4 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 4.5e-05 ± 7.1e-06 |"
-
-
-def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
-    script = str(ROOT / "exp_table1_norms.py")
-    for shard in ("a", "b"):
-        r = _run([script, "--smoke", "--variants", "random", "--seeds", "1" if shard == "a" else "1,2",
-                  "--out", str(tmp_path / shard)], tmp_path)
-        assert r.returncode == 0, r.stderr
-    a, b = tmp_path / "a" / "table1_smoke.csv", tmp_path / "b" / "table1_smoke.csv"
-    r = _run([str(ROOT / "merge_results.py"), str(a), str(b), str(a), "--out", str(tmp_path / "all.csv")], tmp_path)
-    assert r.returncode == 0, r.stderr
-    rows = list(csv.DictReader(open(tmp_path / "all.csv")))
-    assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
-    torn = tmp_path / "torn.csv"                       # a crash mid-write: the torn line is left out
-    torn.write_text(b.read_text() + "table1,random,9,0,,2")
-    r = _run([str(ROOT / "merge_results.py"), str(a), str(torn), "--out", str(tmp_path / "t.csv")], tmp_path)
-    assert r.returncode == 0 and "torn" in r.stderr
-    assert sorted(r["seed"] for r in _rows(tmp_path / "t.csv")) == ["0", "1", "2"]
-    bad = tmp_path / "bad.csv"
-    lines = a.read_text().splitlines()
-    cells = lines[1].split(",")
-    cells[5] = "99.9"                                   # probe_acc of the same key, different
-    bad.write_text("\n".join([lines[0], ",".join(cells)]) + "\n")
-    r = _run([str(ROOT / "merge_results.py"), str(a), str(bad), "--out", str(tmp_path / "x.csv")], tmp_path)
-    assert r.returncode == 2 and "disagrees" in r.stderr and not (tmp_path / "x.csv").exists()
-
-
-def test_killed_run_resumes_to_the_same_numbers(tmp_path):
-    import signal
-    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "contrastive",
-            "--epochs", "3"]
-    ref = _run(args[1:] + ["--out", str(tmp_path / "ref")], tmp_path)
-    assert ref.returncode == 0, ref.stderr
-    p = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if line.strip().startswith("epoch   1"):
-            p.send_signal(signal.SIGKILL)          # a crash right after epoch 1 was checkpointed
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert list((tmp_path / "cut" / "checkpoints").glob("*.pt"))
-    r = _run(args[1:] + ["--out", str(tmp_path / "cut")], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "resuming from the checkpoint after epoch" in r.stdout
-    assert not list((tmp_path / "cut" / "checkpoints").glob("*.pt"))   # cleaned up when done
-
-    def rows(d):
-        return [{k: v for k, v in row.items() if k != "wall_s"}
-                for row in csv.DictReader(open(tmp_path / d / "table1_smoke.csv"))]
-    assert rows("cut") == rows("ref") and len(rows("ref")) == 4
 
 
 def test_lars_lr_logging_covers_only_adapted_weights():
@@ -996,130 +706,7 @@ def test_bf16_autocast_runs_only_the_encoders_in_bf16():
     assert all(out[k].dtype == torch.float32 for k in ("loss", "pos_cos", "neg_cos", "z_std"))
     cpu = torch.device("cpu")
     assert not common.use_bf16(SMALL, cpu) and common.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
-    with pytest.raises(common.UsageError):
-        common.check_config(dataclasses.replace(SMALL, precision="fp16"))
+    with pytest.raises(harness.UsageError):
+        harness.check_config(dataclasses.replace(SMALL, precision="fp16"))
 
 
-# ------------------------------------------------------------- several processes (torchrun)
-
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-def test_two_processes_with_sync_bn_match_one_process(tmp_path):
-    """torchrun with gloo: 2 CPU processes x 32 images = the 1-process batch of 64. Two steps
-    (one epoch of 128 images). With --sync-bn the epoch's loss equals the single process's to
-    float noise (measured 6e-6 relative; convolutions sum in a batch-size-dependent
-    order and BYOL's gradient at init amplifies that, so weights are not bitwise equal); with
-    per-process BN (statistics over 32) it differs (measured 6e-4). Only rank 0 writes."""
-    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--set", "train_subset=128",
-            "--set", "epochs=1"]
-    loss = {}
-    for name, launch, flags in (("one", [], []), ("sync_bn", TORCHRUN, ["--sync-bn"]), ("per_rank_bn", TORCHRUN, [])):
-        r = _run([*launch, *args, *flags, "--out", str(tmp_path / name)], tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        rows = list(csv.DictReader(open(tmp_path / name / "table1_smoke.csv")))
-        assert [row["epoch"] for row in rows] == ["0", "1"]   # one writer
-        loss[name] = float(rows[-1]["loss"])
-    assert abs(loss["sync_bn"] - loss["one"]) < 1e-4 * loss["one"]
-    assert abs(loss["per_rank_bn"] - loss["one"]) > 3e-4 * loss["one"]
-
-
-GLOBAL_BN_SCRIPT = """
-import sys, torch, common
-rank, n = common.init_distributed("cpu")
-g = torch.Generator().manual_seed(0)
-x = (torch.randn(8, 4, 5, 5, generator=g) * 0.01 + 100).contiguous(memory_format=torch.channels_last)
-w = torch.randn(8, 4, 5, 5, generator=g)
-bn = common.convert_sync_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), torch.device("cpu"))[0]
-assert isinstance(bn, common.GlobalBatchNorm)
-xi = x[4 * rank:4 * rank + 4].clone().requires_grad_(True)
-y = bn(xi)
-(y * w[4 * rank:4 * rank + 4]).sum().backward()
-torch.save(dict(y=y.detach(), gx=xi.grad, gw=bn.weight.grad, mean=bn.running_mean, var=bn.running_var),
-           sys.argv[1] + f"/rank{rank}.pt")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()   # else gloo's threads can abort the exit
-"""
-
-
-def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch(tmp_path):
-    """GlobalBatchNorm (--sync-bn off CUDA) on 2 ranks x 4 = nn.BatchNorm2d on 8: outputs,
-    input gradients, summed weight gradients, running stats; a large mean over a tiny spread
-    (a collapsed batch) stays exact to float32 (two-pass statistics; one-pass E[x^2] - E[x]^2
-    would lose the variance entirely)."""
-    (tmp_path / "gbn.py").write_text(GLOBAL_BN_SCRIPT)
-    r = subprocess.run([sys.executable, *TORCHRUN, str(tmp_path / "gbn.py"), str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(8, 4, 5, 5, generator=g) * 0.01 + 100).requires_grad_(True)
-    w = torch.randn(8, 4, 5, 5, generator=g)
-    bn = nn.BatchNorm2d(4)
-    y = bn(x)
-    (y * w).sum().backward()
-    assert torch.allclose(torch.cat([d["y"] for d in ranks]), y, atol=1e-3)
-    assert torch.allclose(torch.cat([d["gx"] for d in ranks]), x.grad, rtol=1e-3, atol=1e-2)
-    assert torch.allclose(ranks[0]["gw"] + ranks[1]["gw"], bn.weight.grad, rtol=1e-2, atol=1e-2)
-    for d in ranks:
-        assert torch.allclose(d["mean"], bn.running_mean, atol=1e-4)
-        assert torch.allclose(d["var"], bn.running_var, rtol=1e-3, atol=1e-8)
-
-
-# ---------------------------------------------------------------- exp_escape_law: reading an escape
-def _loss_rows(losses, neg=0.9999):
-    return [dict(epoch=str(e), loss=str(x), neg_cos=str(neg)) for e, x in enumerate(losses, start=1)]
-
-
-def test_escape_reads_turn_and_rise_from_the_loss():
-    import exp_escape_law as law
-    # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
-    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
-    assert law.escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
-    # never collapsed (negative cosine below 0.999): no escape, whatever the loss does
-    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-3], neg=0.5)) == (None, None)
-    # counting starts at the first collapsed epoch: the fall before it is not a lowest value
-    rows = _loss_rows([1e-6, 1e-2, 1e-3, 5e-3])
-    rows[0]["neg_cos"] = "0.5"
-    assert law.escape(rows) == (3, 4)
-
-
-def test_escape_fit_recovers_a_known_power_law():
-    import exp_escape_law as law
-    rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
-    slope, se, n = law.fit(rows, "rise")
-    assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
-    assert law.fit(rows, "turn") == (None, None, 0)
-
-
-def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
-    import exp_escape_law as law
-    for name, v in law.VARIANTS.items():
-        assert any(math.isclose(v["lr"] * v["weight_decay"], p, rel_tol=1e-3) for p in law.PRODUCTS), name
-        assert law.epochs_for(v) * 78 * v["lr"] * v["weight_decay"] >= law.CLOCK
-    assert len(law.VARIANTS) == len(law.PRODUCTS) * len(law.LRS)
-
-
-def test_escape_law_analyze_refuses_a_foreign_csv_in_one_line(tmp_path):
-    for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
-        r = _run([str(ROOT / "exp_escape_law.py"), "--analyze", str(target)], tmp_path)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
-
-
-def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
-    import plot_results
-    path = tmp_path / "x_steps.csv"
-    neg = [None, 0.5, 0.9995, 0.9999, 0.95, 0.6]   # collapses at epoch 2, recovers (<= 0.9) at 5
-    probe = [20.0, None, 15.0, None, 18.0, 30.0]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*plot_results.NEEDED, "lr", "cfg_weight_decay"])
-        w.writeheader()
-        for e in range(6):
-            w.writerow(dict(variant="v", seed=0, epoch=e, loss=1e-3 if e else "", probe_acc=probe[e] or "",
-                            pos_cos=neg[e] or "", neg_cos=neg[e] or "", lr=0.5 if e else "", cfg_weight_decay=1e-3))
-    cells = plot_results.recovery(path, 10).splitlines()[2].split(" | ")
-    # 5 epochs x 10 steps at lr 0.5, wd 1e-3: 0.025
-    assert cells[2:8] == ["5", "50", "0.025", "2", "0.6000 (ep 5)", "5"]
-    assert cells[8].rstrip(" |") == "20.0 / 30.0 / 30.0"
-    r = _run([str(ROOT / "plot_results.py"), "--recovery", str(path)], tmp_path)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,689 @@
+"""The run harness: everything around the research code in common.py that a researcher never
+needs to open. Validation, the device, finding the data on disk, checkpoints, the process group
+under torchrun, the command line, the config hash, the results CSV (one writer, atomic rewrites,
+torn-tail repair), the grid of variants x seeds and its summary.
+
+It never changes a number: training, the probe and every metric are common.py's. What this
+module adds is which runs happen, where their rows go, and that an interrupted or repeated
+command gives the rows an uninterrupted one gives. common.py calls it in one-line calls
+(check_config, get_device, the torchrun helpers, checkpoints); the two modules import each other by
+module reference only, so neither needs the other at import time.
+"""
+import argparse
+import csv
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+try:
+    import fcntl   # the CSV lock (POSIX); without it, runs on one --out are not guarded
+except ImportError:
+    fcntl = None
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+
+# ============================================================================ validation
+
+
+class UsageError(Exception):
+    """Bad input: the scripts print it as one line and exit with code 2."""
+
+
+def check_config(cfg):
+    """Raises UsageError for a value that can never make a valid run; returns cfg."""
+    for key, allowed in common.CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
+        raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
+    for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers",
+                "image_size"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if 0 < cfg.image_size < 8:   # the encoder's three stride-2 stages need 8 px to leave one pixel
+        raise UsageError(f"image_size must be 0 (as stored) or >= 8, got {cfg.image_size}")
+    if not 0 <= cfg.seed < 2 ** 32:   # numpy's seed range
+        raise UsageError(f"seed must be in [0, 2^32), got {cfg.seed}")
+    # float settings: finite (nan and inf make NaN rows), and in their meaningful range
+    def finite(key, ok, what):
+        if not (math.isfinite(getattr(cfg, key)) and ok(getattr(cfg, key))):
+            raise UsageError(f"{key} must be finite and {what}, got {getattr(cfg, key)}")
+    for key in ("lr", "weight_decay", "warmup_epochs"):
+        finite(key, lambda v: v >= 0, ">= 0")
+    for key in ("lars_eta", "temperature"):
+        finite(key, lambda v: v > 0, "> 0")
+    finite("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    finite("base_tau", lambda v: 0 <= v <= 1, "in [0, 1]")
+    if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
+        raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
+                         f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
+    if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
+        raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
+    # the encoder's GroupNorm uses min(gn_groups, channels) groups, which must divide the channels
+    g = cfg.gn_groups
+    if cfg.encoder_norm in ("gn", "gn_ws") and any(c % min(g, c) for c in (cfg.width * 2 ** i for i in range(4))):
+        raise UsageError(f"width={cfg.width} with encoder_norm={cfg.encoder_norm}: GroupNorm's {g} groups need "
+                         f"every stage's channels (width x 1, 2, 4, 8) below {g} or a multiple of {g}")
+    if "gn" in (cfg.proj_norm[:2], cfg.pred_norm[:2]) and cfg.mlp_hidden_dim % min(32, cfg.mlp_hidden_dim):
+        raise UsageError(f"mlp_hidden_dim={cfg.mlp_hidden_dim} with a GroupNorm MLP: 32 groups need a size "
+                         f"below 32 or a multiple of 32")
+    return cfg
+
+
+# ================================================================================ device
+
+
+def get_device(name="auto"):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UsageError(f"--device {name!r}: {e}") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ================================================================ several processes (torchrun)
+# Under `torchrun --nproc_per_node=N`, every rank runs the same script: the same seed, data
+# order and augmentation parameters for the global batch, of which rank r trains on the r-th
+# slice; DDP averages the gradients; the target EMA and the queue stay identical on every rank;
+# only rank 0 evaluates, prints and writes. Without torchrun all of this is a no-op.
+
+
+def world():
+    """(rank, world_size); (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(device_name="auto"):
+    """Joins torchrun's process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1. More
+    processes than GPUs is refused in one line (each rank needs its own GPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        if cuda:
+            local, n_gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local >= n_gpus:
+                raise UsageError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on a node "
+                                 f"with {n_gpus} GPU(s): use --nproc_per_node={n_gpus} or fewer, or --device cpu")
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+def run_device(cfg):
+    """The device this process trains on (its own GPU under torchrun), after checking what a run
+    split over several processes needs: equal shares of the batch (and of ghost BN groups), no BN
+    pass on rank 0 alone while BN is synced, and synced BN only where nn.SyncBatchNorm runs (CUDA)."""
+    device, n_ranks = get_device(cfg.device), world()[1]
+    if n_ranks == 1:
+        return device
+    if cfg.batch_size % n_ranks:
+        raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the {n_ranks} processes")
+    if cfg.mlp_bn_group and (cfg.batch_size // n_ranks) % cfg.mlp_bn_group:
+        raise UsageError(f"mlp_bn_group {cfg.mlp_bn_group} must divide the per-process batch {cfg.batch_size // n_ranks}")
+    if cfg.sync_bn and cfg.probe_bn == "recompute":
+        raise UsageError("probe_bn=recompute cannot run with --sync-bn over several processes")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA (nn.SyncBatchNorm); without it each process's BN sees its own share")
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
+def convert_sync_bn(module):
+    """Every nn.BatchNorm*d of module to nn.SyncBatchNorm (statistics over all ranks' batches, as
+    the blog's one GPU saw); BatchNormParts (exp_bn_anatomy.py) stays per rank."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+def ddp(model, device):
+    """model in DistributedDataParallel (one process: model itself). The buffers (BN running stats,
+    the queue) are kept identical by the loop, so DDP must not broadcast them: torch >= 2.13 says so
+    with forward_sync_buffers=False, older versions with broadcast_buffers=False."""
+    if world()[1] == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def rank_slice(batch_size):
+    """The slice of the global batch this rank trains on."""
+    rank, n_ranks = world()
+    return slice(rank * batch_size // n_ranks, (rank + 1) * batch_size // n_ranks)
+
+def all_gather_cat(t):
+    """Concatenation over ranks in rank order (= the global batch's order); t alone if one."""
+    n_ranks = world()[1]
+    if n_ranks == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(n_ranks)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(t):
+    """t averaged over ranks (t itself in one process)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+        t /= world()[1]
+    return t
+
+# ================================================================================ data on disk
+
+CIFAR_DIR, STL_DIR = "cifar-10-batches-py", "stl10_binary"
+DATA_FILES = {"cifar10": (CIFAR_DIR, ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]),
+              "stl10": (STL_DIR, [f"{s}.bin" for s in ("train_X", "train_y", "test_X", "test_y", "unlabeled_X")])}
+
+
+def data_roots(data_dir=""):
+    """Where datasets are looked for: --data-dir, else $BYOL_DATA, ./data, ../shared/data."""
+    if data_dir:
+        return [Path(data_dir)]
+    here = Path(__file__).resolve().parent
+    roots = [Path(os.environ["BYOL_DATA"])] if os.environ.get("BYOL_DATA") else []
+    return roots + [Path("data"), here / "data", here.parent / "shared" / "data"]
+
+
+
+def find_dataset(name, data_dir="", download=False):
+    """The folder holding dataset `name` (cifar10, stl10): the first root of data_roots that has
+    all its files; with download, torchvision fetches it into the first root if none has."""
+    sub, files = DATA_FILES[name]
+    roots = data_roots(data_dir)
+    for root in roots:
+        folder = root / sub
+        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+            raise UsageError(f"{folder} exists but cannot be read (permission denied); fix its "
+                             f"permissions (chmod -R u+rX {folder}) or pass another --data-dir")
+        if all((folder / f).is_file() for f in files):
+            unreadable = [f for f in files if not os.access(folder / f, os.R_OK)]
+            if unreadable:
+                raise UsageError(f"{folder}: {', '.join(unreadable)} cannot be read (permission denied); "
+                                 f"fix the permissions (chmod u+r) or pass another --data-dir")
+            return folder
+    if download:
+        import torchvision  # only for the download itself
+        root = roots[0]
+        try:
+            if name == "cifar10":
+                torchvision.datasets.CIFAR10(str(root), download=True)
+            else:
+                torchvision.datasets.STL10(str(root), split="train+unlabeled", download=True)
+        except Exception as e:
+            raise UsageError(f"could not download {name} into {root}: {e}") from None
+        return find_dataset(name, str(root))
+    looked = ", ".join(str(r / sub) for r in roots)
+    raise UsageError(f"{name} not found (need {sub}/ with {', '.join(files)}); looked in {looked}. "
+                     f"Pass --data-dir DIR, set BYOL_DATA, or add --download")
+
+# ============================================================================= checkpoints
+
+
+def save_checkpoint(path, cfg, model, opt, gen, rows, step):
+    """Everything a run needs to continue: networks (queue and BN stats included), optimizer
+    state, the generator behind data order and augmentations, the rows so far. Written to a
+    temporary file of this process's own and renamed, so a crash never leaves half a checkpoint."""
+    if world()[0] != 0:   # under torchrun every rank holds the same state: rank 0 writes it
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(cfg=_resumable(cfg), model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
+                 rows=rows, step=step)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg):
+    """The saved state if path holds a checkpoint of this config, else None. A file that cannot
+    be read (truncated, garbage) is renamed to <name>.bad, named in a warning, and the run
+    starts afresh."""
+    if not path or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return state if state["cfg"] == _resumable(cfg) else None
+    except Exception as e:
+        bad = Path(path).with_name(Path(path).name + ".bad")
+        if world()[0] == 0:
+            os.replace(path, bad)
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); kept as {bad}, "
+                  f"starting this run afresh", file=sys.stderr)
+        return None
+
+
+def restore(saved, model, opt, gen, on_epoch=None):
+    """Loads a checkpoint's state into the run; returns (rows so far, step). The rows before it are
+    passed to on_epoch again, as if the run had not stopped."""
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    gen.set_state(saved["gen"])
+    print(f"  resuming from the checkpoint after epoch {saved['rows'][-1]['epoch']}")
+    for row in saved["rows"]:
+        if on_epoch:
+            on_epoch(row)
+    return saved["rows"], saved["step"]
+
+def _resumable(cfg):
+    """The config fields a checkpoint must match (where it runs may change)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir", "compile")}
+
+
+# ========================================================================= command line
+
+COLUMNS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std",
+           "lr", "tau", "wall_s", "probe_liblinear", "probe_standardized", "pos_gap", "neg_gap"]
+# --smoke: seconds on synthetic data, same code path and CSV shape (what CI runs)
+SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
+             epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
+
+
+
+def config_help():
+    """--help's list of Config fields with their defaults and allowed values (common.CHOICES);
+    what each field means is written beside it in common.Config."""
+    out = ["Config fields (--set KEY=VALUE, or a variant's overrides; their meaning: common.Config):"]
+    for f in dataclasses.fields(common.Config):
+        allowed = f" [{'|'.join(common.CHOICES[f.name])}]" if f.name in common.CHOICES else ""
+        out.append(f"  {f.name} = {f.default!r}{allowed}")
+    out.append("A variant may also name its own pieces (train_byol's hooks): " + ", ".join(
+        f"{k}{sig}" for k, sig in HOOK_SIGNATURES.items()))
+    return "\n".join(out)
+
+def get_parser(doc, presets, variants):
+    p = argparse.ArgumentParser(description=doc, epilog=config_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
+    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+    p.add_argument("--seeds", type=str, default="1",
+                   help=f"N (seeds 0..N-1, N <= {MAX_SEEDS}), or a list like 3,4 (one seed: 3,); default 1")
+    p.add_argument("--variants", type=str, default="", help=f"comma list of: {', '.join(variants)} (default: all)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any Config field for every variant, e.g. --set lr=0.2 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ or stl10_binary/")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--out", default="runs", help="folder for the CSV (default runs/; the committed "
+                   "reference results are in results/)")
+    p.add_argument("--fresh", action="store_true", help="retrain runs whose identical settings are already "
+                   "finished in the CSV (their old rows are replaced)")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
+    return p
+
+
+
+MAX_SEEDS = 1000
+
+
+
+def parse_seeds(text):
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if not 1 <= n <= MAX_SEEDS:
+                raise UsageError(f"--seeds {text}: a count must be 1..{MAX_SEEDS}")
+            seeds = list(range(n))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give a count like 3 or a list like 0,2") from None
+    if not seeds or min(seeds) < 0 or max(seeds) >= 2 ** 32:
+        raise UsageError(f"--seeds {text!r}: need at least one seed, each in 0..2^32-1")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+
+def parse_overrides(pairs):
+    fields = {f.name: getattr(f.type, "__name__", f.type) for f in dataclasses.fields(common.Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE with KEY a Config field ({', '.join(fields)})")
+        kind = fields[key]
+        if kind == "bool":
+            if value.lower() not in BOOLS:
+                raise UsageError(f"--set {pair!r}: {value!r} is not a bool (true/false/1/0/yes/no)")
+            out[key] = BOOLS[value.lower()]
+            continue
+        try:
+            out[key] = {"int": int, "float": float, "str": str}[kind](value)
+        except ValueError:
+            raise UsageError(f"--set {pair!r}: {value!r} is not a valid {kind}") from None
+    return out
+
+
+
+def build_configs(args, presets, variants, extra_variants=None):
+    """(preset name, {variant: Config}, CLI overrides) for the chosen preset, variants and
+    overrides. extra_variants can be named with --variants but are not in the default grid."""
+    preset = args.preset or ("cifar10" if torch.cuda.is_available() else "cpu")
+    if not args.preset and not args.smoke:
+        print(f"no --preset given: using '{preset}' ({'GPU' if preset == 'cifar10' else 'no GPU'} found)")
+    names = [v for v in args.variants.split(",") if v] or list(variants)
+    variants = {**variants, **(extra_variants or {})}
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+    base = dict(presets[preset], device=args.device, data_dir=args.data_dir, compile=args.compile,
+                sync_bn=args.sync_bn)
+    if args.smoke:
+        base.update(SMOKE)
+    cli = parse_overrides(args.set)
+    if args.epochs is not None:
+        cli["epochs"] = args.epochs
+    if args.batch_size is not None:
+        cli["batch_size"] = args.batch_size
+    configs, warnings = {}, []
+    for v in dict.fromkeys(names):
+        over = {k: x for k, x in variants[v].items() if k not in HOOKS}
+        # a variant that never trains (random init) keeps epochs=0 whatever --epochs says
+        used = {k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}
+        warnings += [f"warning: --set {k}={used[k]} replaces variant {v}'s own {k}={over[k]}"
+                     for k in used if k in over and used[k] != over[k]]
+        configs[v] = check_config(common.Config(**{**base, **over, **used}))
+    for w in warnings:   # once every config is valid (bad input stays a one-line error)
+        print(w, file=sys.stderr)
+    return ("smoke" if args.smoke else preset), configs, cli
+
+
+# ======================================================================== config hash
+
+# Config fields added after the committed results/ were made, with their defaults (config_hash)
+LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all")
+
+# A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
+HOOKS = ("model_fn", "groups_fn")
+HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
+                   "groups_fn": "(model, cfg) -> optimizer parameter groups"}
+
+
+
+def config_hash(cfg, n_ranks=1, hooks=None):
+    """12 hex digits naming every setting that changes a run's results: all Config fields but
+    the seed (its own column), where the data lives, the device name and compile, with precision
+    'auto' resolved (bf16 on CUDA, fp32 elsewhere); plus the process count under torchrun (BN
+    batches are per process) and the names of a variant's hooks. A CSV row with the same hash,
+    variant, seed and final epoch is a finished run of exactly these settings."""
+    d = _resumable(cfg)
+    del d["seed"]
+    for k, default in LATER_FIELDS.items():   # fields added after results were committed: at their
+        if d[k] == default:                   # default they leave the hash as it was before them
+            del d[k]
+    d["precision"] = "bf16" if common.use_bf16(cfg, get_device(cfg.device)) else "fp32"
+    if n_ranks > 1:
+        d["processes"] = n_ranks
+    if hooks:   # a script's own model or parameter groups, by name
+        d["hooks"] = {k: f"{fn.__module__}.{fn.__qualname__}" for k, fn in hooks.items()}
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- results CSV on disk
+# One writer per CSV (a lock file), rows of a run appended together once it ends, every rewrite
+# atomic (temporary file + rename), and a torn tail (a crash mid-append) cut off on disk before
+# anything is appended, so a line can never be glued onto half of another.
+
+
+def read_rows(path, header):
+    """Rows of an existing results CSV ([] if missing or empty). A torn last line (no final
+    newline, or too few cells) is removed from the file, with a warning."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    if not lines or (len(lines) == 1 and not text.endswith("\n") and ",".join(header).startswith(lines[0])):
+        return []   # empty, or a header cut short: rewritten whole by the first write
+    if lines[0].split(",") != header:
+        raise UsageError(f"{path} exists with other columns; move it away or use another --out")
+    torn = not text.endswith("\n") or len(next(csv.reader([lines[-1]]))) != len(header)
+    rows = list(csv.DictReader(lines[:-1] if torn and len(lines) > 1 else lines))
+    if torn:
+        print(f"warning: {path}: removed a torn last line (a crash mid-write): {lines[-1][:60]!r}",
+              file=sys.stderr)
+        rewrite_rows(path, header, rows)
+    return rows
+
+
+def rewrite_rows(path, header, rows):
+    """Replaces the CSV with header + rows, atomically."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, header, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_rows(path, header, rows):
+    """Appends rows (with the header first if the file is new or empty) and syncs them to disk."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, header, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def open_out(out, csv_name):
+    """Makes the output folder, checks that the CSV can be written, and locks it against a second
+    run on the same file (held until the process ends). Returns (csv path, lock file)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / csv_name
+        lock = open(path.with_name(path.name + ".lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+        raise UsageError(f"--out {out}: {path} is not a writable file")
+    if fcntl:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UsageError(f"another run (pid {lock.read().strip() or '?'}) is writing {path}; wait for it "
+                             f"to end or use another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    return path, lock
+
+
+def save_run(path, header, rows, replace=False):
+    """Appends one run's rows; replace: first removes the CSV's rows of the same run (variant,
+    seed, cfg_hash), in one atomic rewrite (--fresh: the old result stays until the new one is in)."""
+    if not replace:
+        return write_rows(path, header, rows)
+    key = (rows[0]["variant"], str(rows[0]["seed"]), rows[0]["cfg_hash"])
+    old = [r for r in read_rows(path, header) if (r["variant"], r["seed"], r["cfg_hash"]) != key]
+    rewrite_rows(path, header, old + rows)
+
+
+def cell(v):
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
+def is_final(row, epochs):
+    """A run's last row: its final epoch, or the epoch where its loss diverged."""
+    return int(row["epoch"]) == epochs or row["loss"] in ("nan", "inf", "-inf")
+
+
+# ========================================================================== the grid
+
+
+def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
+    """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv (a
+    run's rows land together when it ends). A run whose identical settings (cfg_hash) already
+    finished in that CSV is reused, not retrained (--fresh retrains it); an interrupted run
+    continues from its checkpoint under <out>/checkpoints/. Ends with a summary of exactly the
+    requested runs beside the blog's numbers."""
+    preset, configs, cli = build_configs(args, presets, variants, extra_variants)
+    variants = {**variants, **(extra_variants or {})}
+    hooks = {name: {k: variants[name][k] for k in HOOKS if k in variants[name]} for name in configs}
+    seeds = parse_seeds(args.seeds)
+    over_keys = sorted({k for v in variants.values() for k in v if k not in HOOKS})
+    header = COLUMNS + list(extra_columns) + ["cfg_hash"] + [f"cfg_{k}" for k in over_keys]
+    rank, n_ranks = world()
+    hashes = {name: config_hash(cfg, n_ranks, hooks[name]) for name, cfg in configs.items()}
+    wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
+    path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
+    done, other = set(), set()   # other: runs of a requested (variant, seed) under other settings
+    try:
+        if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
+            path, lock = open_out(args.out, f"{exp}_{preset}.csv")
+            old = read_rows(path, header)
+            mine = {}   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
+            for r in old:
+                key = (r["variant"], int(r["seed"]), r["cfg_hash"])
+                if wanted.get(key[:2]) == key[2]:
+                    mine.setdefault(key, []).append(r)
+                elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
+                    other.add(key)
+            finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
+            # rows of a requested run that never finished (a crash while appending) are dropped, so
+            # that its new rows are not duplicates
+            drop = mine.keys() - finished
+            done = set() if args.fresh else {key[:2] for key in finished}
+            if drop:
+                rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
+        if n_ranks > 1:
+            shared = [done]
+            dist.broadcast_object_list(shared)
+            done = shared[0]
+            print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
+                  + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
+        print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
+        if done:
+            print(f"reused {len(done)} finished run(s) with identical settings from {path} (--fresh to retrain)")
+        if other:   # say why they train again: a changed flag, or code that added a Config field
+            print(f"{len(other)} earlier run(s) of these variants and seeds in {path} have other settings "
+                  f"(cfg_hash differs): they stay in the CSV, these train anew")
+        if len(done) < len(wanted):
+            if n_ranks > 1 and args.download and rank > 0:
+                dist.barrier()   # rank 0 downloads first
+            data = common.load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+            if n_ranks > 1 and args.download and rank == 0:
+                dist.barrier()
+        for seed in seeds:
+            for name, cfg in configs.items():
+                if (name, seed) in done:
+                    continue
+                cfg = dataclasses.replace(cfg, seed=seed)
+                # the values actually used, and the variant's own pieces
+                shown = [f"{k}={getattr(cfg, k)}" for k in {**variants[name], **cli} if k not in HOOKS]
+                shown += [f"{k}={fn.__name__}" for k, fn in hooks[name].items()]
+                print(f"[{name} seed {seed}] {', '.join(shown) or 'preset settings'}  (cfg_hash {hashes[name]})")
+                buffer = []
+
+                def log(row, name=name, seed=seed, cfg=cfg):
+                    print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}  probe {cell(row['probe_acc']) or '-':>7}"
+                          f"  pos_cos {cell(row['pos_cos']) or '-':>9}  neg_cos {cell(row['neg_cos']) or '-':>9}"
+                          f"  z_std {cell(row['z_std']) or '-':>9}  neg_gap {cell(row['neg_gap']) or '-':>9}"
+                          f"  {row['wall_s']:.0f}s", flush=True)
+                    full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name],
+                                **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
+                    buffer.append({k: cell(v) for k, v in full.items()})
+                    if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
+                        save_run(path, header, buffer, replace=args.fresh)
+                ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
+                rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt, **hooks[name])
+                if rank == 0:
+                    if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
+                        save_run(path, header, buffer, replace=args.fresh)
+                    ckpt.unlink(missing_ok=True)
+        if rank == 0:
+            final = [r for r in read_rows(path, header) if wanted.get((r["variant"], int(r["seed"]))) == r["cfg_hash"]
+                     and is_final(r, configs[r["variant"]].epochs)]
+            print_summary(final, list(configs), blog or {})
+        return path
+    finally:
+        if lock:
+            lock.close()
+
+
+def print_summary(rows, names, blog):
+    """Probe accuracy and cosines of each run's last row, mean +- std over seeds (sample std,
+    n - 1), beside the blog's numbers."""
+    last = {}
+    for r in rows:
+        key = (r["variant"], r["seed"])
+        if r["variant"] in names and (key not in last or int(r["epoch"]) > int(last[key]["epoch"])):
+            last[key] = r
+
+    def ms(name, col):
+        vals = [float(r[col]) for (v, _), r in last.items() if v == name and r.get(col) not in ("", None)]
+        if not vals:
+            return "-"
+        return f"{np.mean(vals):.4g} +- {np.std(vals, ddof=1):.2g}" if len(vals) > 1 else f"{vals[0]:.4g}"
+    epochs = sorted({int(r["epoch"]) for r in last.values()})
+    print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s); "
+          f"probe_acc is the blog's liblinear fit unless probe_fit says otherwise, std_probe the standardized fit:")
+    print(f"{'variant':<22}{'probe_acc':>16}{'std_probe':>16}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
+    for name in names:
+        ref = blog.get(name, "")
+        print(f"{name:<22}{ms(name, 'probe_acc'):>16}{ms(name, 'probe_standardized'):>16}{ms(name, 'pos_cos'):>20}"
+              f"{ms(name, 'neg_cos'):>20}   {ref}")
+
+
+def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variants=None, argv=None):
+    """Entry point of every exp_*.py: bad input ends with one line and exit code 2."""
+    args = get_parser(doc, presets, variants).parse_args(argv)
+    try:
+        rank, _ = init_distributed(args.device)   # a no-op without torchrun
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")
+        results = run_grid(exp, args, presets, variants, blog, extra_columns, extra_variants)
+        if dist.is_initialized():
+            dist.barrier()   # leave together: a gloo rank that exits while its peer still works can abort
+        return results
+    except UsageError as e:
+        if world()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume (finished runs are in the CSV, the "
+              "current one continues from its last epoch)",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,524 @@
+"""Tests of the run harness (harness.py) and the scripts built on it: every script's --smoke run,
+reuse of finished runs, resume, the CSV's safety, bad input, torchrun, merging and plotting results,
+exp_escape_law's analysis. CPU only (conftest.py hides GPUs), no downloads."""
+import csv
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import harness
+
+ROOT = Path(__file__).resolve().parent
+SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
+                      epochs=2, queue_size=256, device="cpu", lr=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so a threshold that passes once always passes."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+# ------------------------------------------------------------------------ the scripts
+
+SCRIPTS = sorted(p.name for p in [*ROOT.glob("exp_*.py"), *ROOT.glob("ablation_*.py")])
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+# scripts whose grid is one lever at a time over two networks: a few levers stand for the rest
+SMOKE_VARIANTS = {"exp_collapse_depth.py": ["c1_base", "c1_wd_conv", "d1_gn4", "d1_n50k", "c1_sqdist"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_smoke_writes_the_csv(script, tmp_path):
+    mod = __import__(script[:-3])
+    variants = SMOKE_VARIANTS.get(script, list(mod.VARIANTS))
+    args = [str(ROOT / script), "--smoke", "--out", str(tmp_path), "--variants", ",".join(variants)]
+    r = _run(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    (csv_path,) = tmp_path.glob("*_smoke.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert set(harness.COLUMNS) <= set(rows[0])
+    assert {r["variant"] for r in rows} == set(variants)
+    for v in variants:
+        epochs = [int(r["epoch"]) for r in rows if r["variant"] == v]
+        assert epochs == list(range(max(epochs) + 1))
+        last = [r for r in rows if r["variant"] == v][-1]
+        assert last["probe_acc"] != ""
+    # rerunning reuses the finished runs instead of duplicating them
+    r = _run(args, tmp_path)
+    assert r.returncode == 0 and f"reused {len(variants)} finished run(s)" in r.stdout
+    assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
+    if script == "exp_bn_anatomy.py":   # its extra figure: accuracy against k, parts as bars
+        r = _run([str(ROOT / "plot_results.py"), str(csv_path)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "bn_anatomy_smoke_k_parts.png").stat().st_size > 10000
+
+
+def test_interrupted_run_is_dropped_and_torn_line_repaired_on_disk(tmp_path):
+    script = str(ROOT / "exp_table1_norms.py")
+    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "table1_smoke.csv"
+    lines = path.read_text().splitlines()
+    byol_rows = [l for l in lines if l.startswith("table1,byol,")]
+    # simulate a crash: byol's last epoch missing, and a torn half line at the end
+    kept = [l for l in lines if l != byol_rows[-1]]
+    path.write_text("\n".join(kept) + "\n" + byol_rows[-1][:12])
+    r = _run([script, "--smoke", "--variants", "byol,random", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout and "[byol seed 0]" in r.stdout
+    rows = list(csv.DictReader(open(path)))
+    assert all(None not in row.values() for row in rows)
+    assert sorted(int(r["epoch"]) for r in rows if r["variant"] == "byol") == [0, 1, 2]
+    assert len([r for r in rows if r["variant"] == "random"]) == 1
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(None not in r.values() and None not in r for r in rows), "a glued or short line"
+    return rows
+
+
+def test_only_identical_settings_are_reused(tmp_path):
+    """A rerun reuses exactly the finished runs of the same full config; any changed setting
+    trains; the summary shows only the requested runs; --fresh retrains and replaces."""
+    base = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--epochs", "1",
+            "--out", str(tmp_path)]
+    path = tmp_path / "table1_smoke.csv"
+    r = _run(base, tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = _rows(path)
+    r = _run(base, tmp_path)                                  # the same settings: reused
+    assert r.returncode == 0 and "reused 1 finished run(s)" in r.stdout and "epoch   1" not in r.stdout
+    assert _rows(path) == first
+    assert "other settings" not in r.stdout
+    r = _run(base + ["--set", "lr=0.05"], tmp_path)           # a changed setting: trains, says why
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
+    assert "1 earlier run(s) of these variants and seeds" in r.stdout
+    rows = _rows(path)
+    assert len(rows) == 2 * len(first) and len({row["cfg_hash"] for row in rows}) == 2
+    new = [row for row in rows if row["cfg_hash"] != first[0]["cfg_hash"]]
+    assert {row["cfg_lr"] for row in new} == {"0.05"}
+    # the summary shows the requested run's last epoch, not the other config's
+    summary = r.stdout.split("last epoch")[1]
+    assert f"{float(new[-1]['probe_acc']):.4g}" in summary
+    r = _run(base + ["--epochs", "2"], tmp_path)              # so does another epoch count
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   2" in r.stdout
+    n = len(_rows(path))
+    r = _run(base + ["--fresh"], tmp_path)                    # --fresh: retrains, replaces its rows
+    assert r.returncode == 0 and "reused" not in r.stdout and "epoch   1" in r.stdout
+    assert len(_rows(path)) == n
+
+
+def test_csv_with_a_torn_tail_or_empty_is_repaired_before_appending(tmp_path):
+    path = tmp_path / "table1_smoke.csv"
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path)]
+    path.write_text("")                                       # an empty file: gets its header
+    r = _run(args + ["--variants", "random"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(_rows(path)) == 1
+    with open(path, "a") as f:                                # a crash mid-append after it finished
+        f.write("table1,random,1,0,,23.4")
+    r = _run(args + ["--variants", "random", "--seeds", "0,1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torn" in r.stderr and "reused 1 finished run(s)" in r.stdout
+    rows = _rows(path)
+    assert [row["seed"] for row in rows] == ["0", "1"]
+    assert path.read_text().endswith("\n")
+    r = _run([str(ROOT / "plot_results.py"), str(path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/x")):
+        code, err = _main_in_process(["--smoke", "--out", str(out)], capsys)
+        assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
+    # a read-only CSV (the tests may run as root, for whom chmod does not block writes: fake it)
+    csv_path = tmp_path / "ro" / "table1_smoke.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text("")
+    real = os.access
+    monkeypatch.setattr(harness.os, "access", lambda p, mode: False if Path(p) == csv_path else real(p, mode))
+    trained = []
+    monkeypatch.setattr(common, "train_byol", lambda *a, **k: trained.append(1))
+    code, err = _main_in_process(["--smoke", "--out", str(csv_path.parent)], capsys)
+    assert code == 2 and "not a writable file" in err and not trained
+
+
+def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path):
+    # 12 epochs (several seconds): the first run is still training when the second one starts
+    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "12",
+            "--set", "eval_every=0", "--out", str(tmp_path)]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in first.stdout:                                 # the first run holds the lock now
+        if line.startswith("[byol seed 0]"):
+            break
+    second = _run(args[1:], tmp_path)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "another run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    rows = _rows(tmp_path / "table1_smoke.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(13))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
+    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=ckpt)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
+
+
+def _main_in_process(argv, capsys):
+    """exp_table1_norms.py's main with argv, in this process: (exit code, stderr)."""
+    import exp_table1_norms as t1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        harness.main("table1", t1.__doc__, t1.PRESETS, t1.VARIANTS, t1.BLOG, argv=argv)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "nope"], "unknown variant"),
+    (["--epochs", "-1"], "epochs"),
+    (["--set", "proj_norm=batch"], "proj_norm"),
+    (["--set", "lr=fast"], "not a valid float"),
+    (["--set", "compile=maybe"], "not a bool"),
+    (["--seeds", "x"], "--seeds"),
+    (["--seeds", "99999999999"], "--seeds"),
+    (["--seeds", "0,0"], "twice"),
+    (["--seeds", "1,99999999999"], "--seeds"),
+    (["--batch-size", "100000"], "batch_size"),
+    (["--batch-size", "1"], "batch_size must be >= 2"),
+    (["--device", "meta"], "--device"),
+    (["--device", "mps"], "--device"),
+    (["--device", "cuda:7"], "--device"),
+    (["--set", "encoder_norm=gn", "--set", "width=40"], "GroupNorm"),
+    (["--set", "lr=nan"], "lr must be finite"),
+    (["--set", "lr=inf"], "lr must be finite"),
+    (["--set", "temperature=0"], "temperature"),
+    (["--set", "momentum=-1"], "momentum"),
+    (["--set", "weight_decay=-1e-4"], "weight_decay"),
+    (["--set", "image_size=4"], "image_size must be 0"),
+    (["--set", "image_size=64"], "larger than the synthetic images"),
+    (["--set", "schedule_epochs=-1"], "schedule_epochs"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monkeypatch):
+    r = _run([str(ROOT / "exp_lars.py"), "--help"], tmp_path)
+    assert r.returncode == 0
+    for field in dataclasses.fields(common.Config):
+        assert f"  {field.name} = " in r.stdout, field.name
+    assert "lars_form = \"blog\" [blog|byol]" in r.stdout
+    # --set over a variant's own value: a warning, and the header prints the value used
+    seen = []
+    monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
+    import ablation_target_tau as tau
+    capsys.readouterr()
+    harness.main("target_tau", tau.__doc__, tau.PRESETS, tau.VARIANTS,
+                argv=["--smoke", "--variants", "tau_0", "--set", "base_tau=0.5", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "replaces variant tau_0's own base_tau=0.0" in err
+    assert "[tau_0 seed 0] base_tau=0.5" in out and seen[0].base_tau == 0.5
+
+
+def test_bad_input_exits_2_with_one_line_as_a_script(tmp_path):
+    """The same from a shell, where a traceback would show."""
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--out", str(tmp_path), "--set", "lr=nan"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for args in (["--device", "bogus"], ["--steps", "0"]):
+        r = _run([str(ROOT / "bench.py"), *args], tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "other.csv")], tmp_path)
+    assert r.returncode == 2 and "not a results CSV" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_folder_exits_2(tmp_path):
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--preset", "cifar10", "--data-dir", str(tmp_path / "none"),
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
+    folder = tmp_path / harness.CIFAR_DIR
+    folder.mkdir()
+    # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
+    monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(harness.UsageError, match="permission denied"):
+        common.load_dataset("cifar10", str(tmp_path))
+
+
+def test_diverged_run_stops_and_is_recorded(tmp_path):
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "no_norm", "--set", "lr=1e12",
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "diverged" in r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "table1_smoke.csv")))
+    assert rows[-1]["loss"] in ("nan", "inf") and int(rows[-1]["epoch"]) < 2
+
+
+def test_plot_results_draws_every_csv(tmp_path):
+    r = _run([str(ROOT / "exp_lars.py"), "--smoke", "--variants", "bn_sgd_mlp_bn,gn_lars_layer12",
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "lars_smoke.csv")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "lars_smoke.png"
+    assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"
+    r = _run([str(ROOT / "plot_results.py"), "--table", str(tmp_path / "lars_smoke.csv")], tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("| variant | epoch | seeds | probe_acc")
+    assert [l.split(" | ")[0] for l in lines[2:]] == ["| bn_sgd_mlp_bn", "| gn_lars_layer12"]
+
+
+def test_results_table_is_mean_and_sample_std_and_keeps_small_values(tmp_path):
+    import plot_results
+    path = tmp_path / "t.csv"
+    cols = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "z_std"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerow(["x", "wd", 0, 8, 1e-7, 20.0, 0.99999, 0.99999, 5e-5])
+        w.writerow(["x", "wd", 1, 7, 1e-7, 99.0, 0.5, 0.5, 1.0])     # not the last epoch: left out
+        w.writerow(["x", "wd", 1, 8, 1e-7, 22.0, 0.99999, 0.99999, 4e-5])
+    row = plot_results.table(path).splitlines()[2]
+    # probe 21.0 ± sqrt(2); z_std 4.5e-5 ± 7.07e-6 must not print as 0.0000 ± 0.0000
+    assert row == "| wd | 8 | 2 | 21.0 ± 1.4 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 4.5e-05 ± 7.1e-06 |"
+
+
+def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
+    script = str(ROOT / "exp_table1_norms.py")
+    for shard in ("a", "b"):
+        r = _run([script, "--smoke", "--variants", "random", "--seeds", "1" if shard == "a" else "1,2",
+                  "--out", str(tmp_path / shard)], tmp_path)
+        assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a" / "table1_smoke.csv", tmp_path / "b" / "table1_smoke.csv"
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(b), str(a), "--out", str(tmp_path / "all.csv")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "all.csv")))
+    assert sorted(r["seed"] for r in rows) == ["0", "1", "2"]
+    torn = tmp_path / "torn.csv"                       # a crash mid-write: the torn line is left out
+    torn.write_text(b.read_text() + "table1,random,9,0,,2")
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(torn), "--out", str(tmp_path / "t.csv")], tmp_path)
+    assert r.returncode == 0 and "torn" in r.stderr
+    assert sorted(r["seed"] for r in _rows(tmp_path / "t.csv")) == ["0", "1", "2"]
+    bad = tmp_path / "bad.csv"
+    lines = a.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[5] = "99.9"                                   # probe_acc of the same key, different
+    bad.write_text("\n".join([lines[0], ",".join(cells)]) + "\n")
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(bad), "--out", str(tmp_path / "x.csv")], tmp_path)
+    assert r.returncode == 2 and "disagrees" in r.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    import signal
+    args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "contrastive",
+            "--epochs", "3"]
+    ref = _run(args[1:] + ["--out", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    p = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.strip().startswith("epoch   1"):
+            p.send_signal(signal.SIGKILL)          # a crash right after epoch 1 was checkpointed
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert list((tmp_path / "cut" / "checkpoints").glob("*.pt"))
+    r = _run(args[1:] + ["--out", str(tmp_path / "cut")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from the checkpoint after epoch" in r.stdout
+    assert not list((tmp_path / "cut" / "checkpoints").glob("*.pt"))   # cleaned up when done
+
+    def rows(d):
+        return [{k: v for k, v in row.items() if k != "wall_s"}
+                for row in csv.DictReader(open(tmp_path / d / "table1_smoke.csv"))]
+    assert rows("cut") == rows("ref") and len(rows("ref")) == 4
+
+# ------------------------------------------------------------- several processes (torchrun)
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun with gloo: 2 CPU processes x 32 images = the 1-process batch of 64. Two steps
+    (one epoch of 128 images). Without BatchNorm (GroupNorm encoder, no MLP norm) nothing depends
+    on how the batch is split, so the epoch's loss equals the single process's to float noise;
+    with BN each process's BN sees its own 32 images (ghost BN) and the loss differs. Only rank 0
+    writes. --sync-bn needs CUDA (nn.SyncBatchNorm) and is refused on CPU in one line."""
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--set", "train_subset=128",
+            "--set", "epochs=1", "--device", "cpu"]
+    no_bn = ["--set", "encoder_norm=gn", "--set", "proj_norm=none", "--set", "pred_norm=none"]
+    loss = {}
+    for name, launch, flags in (("one", [], no_bn), ("two", TORCHRUN, no_bn), ("one_bn", [], []),
+                                ("two_bn", TORCHRUN, [])):
+        r = _run([*launch, *args, *flags, "--out", str(tmp_path / name)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = list(csv.DictReader(open(tmp_path / name / "table1_smoke.csv")))
+        assert [row["epoch"] for row in rows] == ["0", "1"]   # one writer
+        loss[name] = float(rows[-1]["loss"])
+    assert abs(loss["two"] - loss["one"]) < 1e-4 * loss["one"]
+    assert abs(loss["two_bn"] - loss["one_bn"]) > 3e-4 * loss["one_bn"]
+    r = _run([*TORCHRUN, *args, "--sync-bn", "--out", str(tmp_path / "sync")], tmp_path)
+    assert r.returncode != 0 and "error: --sync-bn needs CUDA" in r.stderr
+
+
+def test_ddp_falls_back_to_broadcast_buffers_on_older_torch(monkeypatch):
+    """torch < 2.13 has no forward_sync_buffers: harness.ddp then turns buffer broadcasts off with
+    broadcast_buffers=False (the buffers are kept identical by the loop, not by DDP)."""
+    seen = {}
+
+    class OldDDP:   # the signature of torch 2.4-2.12's DistributedDataParallel
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            seen.update(module=module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+    class NewDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True):
+            seen.update(forward_sync_buffers=forward_sync_buffers, broadcast_buffers=broadcast_buffers)
+
+    monkeypatch.setattr(harness, "world", lambda: (0, 2))
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(harness, "DistributedDataParallel", OldDDP)
+    assert isinstance(harness.ddp(model, torch.device("cpu")), OldDDP)
+    assert seen == dict(module=model, device_ids=None, broadcast_buffers=False)
+    seen.clear()
+    monkeypatch.setattr(harness, "DistributedDataParallel", NewDDP)
+    harness.ddp(model, torch.device("cpu"))
+    assert seen == dict(forward_sync_buffers=False, broadcast_buffers=True)
+    monkeypatch.setattr(harness, "world", lambda: (0, 1))
+    assert harness.ddp(model, torch.device("cpu")) is model
+
+
+# ---------------------------------------------------------------- exp_escape_law: reading an escape
+def _loss_rows(losses, neg=0.9999):
+    return [dict(epoch=str(e), loss=str(x), neg_cos=str(neg)) for e, x in enumerate(losses, start=1)]
+
+
+def test_escape_reads_turn_and_rise_from_the_loss():
+    import exp_escape_law as law
+    # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
+    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
+    assert law.escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
+    # never collapsed (negative cosine below 0.999): no escape, whatever the loss does
+    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-3], neg=0.5)) == (None, None)
+    # counting starts at the first collapsed epoch: the fall before it is not a lowest value
+    rows = _loss_rows([1e-6, 1e-2, 1e-3, 5e-3])
+    rows[0]["neg_cos"] = "0.5"
+    assert law.escape(rows) == (3, 4)
+
+
+def test_escape_fit_recovers_a_known_power_law():
+    import exp_escape_law as law
+    rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
+    slope, se, n = law.fit(rows, "rise")
+    assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
+    assert law.fit(rows, "turn") == (None, None, 0)
+
+
+def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
+    import exp_escape_law as law
+    for name, v in law.VARIANTS.items():
+        assert any(math.isclose(v["lr"] * v["weight_decay"], p, rel_tol=1e-3) for p in law.PRODUCTS), name
+        assert law.epochs_for(v) * 78 * v["lr"] * v["weight_decay"] >= law.CLOCK
+    assert len(law.VARIANTS) == len(law.PRODUCTS) * len(law.LRS)
+
+
+def test_escape_law_analyze_refuses_a_foreign_csv_in_one_line(tmp_path):
+    for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
+        r = _run([str(ROOT / "exp_escape_law.py"), "--analyze", str(target)], tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
+
+
+def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
+    import plot_results
+    path = tmp_path / "x_steps.csv"
+    neg = [None, 0.5, 0.9995, 0.9999, 0.95, 0.6]   # collapses at epoch 2, neg. cos <= 0.9 at 5
+    probe = [20.0, None, 15.0, None, 24.0, 30.0]    # 5 points over the untrained 20 first at epoch 5
+    std_probe = [21.0, None, 16.0, None, 25.0, 26.0]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*plot_results.NEEDED, "lr", "probe_standardized", "cfg_weight_decay",
+                                          "cfg_momentum"])
+        w.writeheader()
+        for e in range(6):
+            w.writerow(dict(variant="v", seed=0, epoch=e, loss=1e-3 if e else "", probe_acc=probe[e] or "",
+                            probe_standardized=std_probe[e] or "", pos_cos=neg[e] or "", neg_cos=neg[e] or "",
+                            lr=0.5 if e else "", cfg_weight_decay=1e-3, cfg_momentum=0.8))
+    cells = plot_results.recovery(path, 10).splitlines()[2].split(" | ")
+    # 5 epochs x 10 steps at lr 0.5, wd 1e-3: 0.025, and 0.025 / (1 - 0.8) = 0.125 e-folds (0.13: float rounding of 1 - 0.8)
+    assert cells[1:8] == ["0", "50", "0.025", "0.13", "2", "0.6000 (ep 5)", "5"]
+    assert cells[8:10] == ["20.0 / 30.0 / 30.0", "21.0 / 26.0 / 26.0"]
+    assert cells[10].rstrip(" |") == "yes (ep 5)"
+    r = _run([str(ROOT / "plot_results.py"), "--recovery", str(path)], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------- committed results and the code today
+
+@pytest.mark.parametrize("script,preset,variant,path", [
+    ("exp_table1_norms", "cpu", "byol", "results/table1_cpu.csv"),
+    ("exp_table1_norms", "cpu", "no_norm", "results/table1_cpu.csv"),
+    ("exp_lars", "steps", "bn_sgd_no_mlp_bn", "results/steps/lars_steps.csv"),
+    ("exp_weight_decay", "steps", "wd_1e-05", "results/steps/d1/weight_decay_steps.csv")])
+def test_committed_results_hash_as_a_rerun_of_their_command(script, preset, variant, path):
+    """A rerun of the command that made a committed CSV computes the cfg_hash in it, so it would
+    reuse those rows: the fields added since (harness.LATER_FIELDS) leave the hash alone at their
+    defaults. (The older encoder_gn_cpu.csv rows predate the image_size field: results/README.md.)"""
+    mod = __import__(script)
+    args = harness.get_parser("", mod.PRESETS, mod.VARIANTS).parse_args(["--preset", preset, "--variants", variant,
+                                                                         "--device", "cpu"])
+    _, configs, _ = harness.build_configs(args, mod.PRESETS, mod.VARIANTS)
+    committed = {r["cfg_hash"] for r in csv.DictReader(open(ROOT / path)) if r["variant"] == variant}
+    assert committed == {harness.config_hash(configs[variant])}
+
+
+def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkeypatch):
+    """exp_table1_norms.py --smoke --variants byol against values recorded from the code before
+    common.py's harness moved to harness.py (commit 5674ed5): the same cfg_hash, the same untrained
+    probe, and the same random draws in the same order (the first batch's data order is drawn
+    first, then each view's augmentation parameters). Later epochs' floats are not compared: they
+    move with the thread count and oneDNN's kernels (AVX2 against AVX-512) in the last bits, and
+    BYOL's early steps amplify that."""
+    drawn = []
+    real = common.sample_aug_params
+
+    def record(*a, **k):
+        p = real(*a, **k)
+        drawn.append((p["box"][:3].int().tolist(), p["flip"][:8].int().tolist(), p["blur"][:8].int().tolist(),
+                      p["order"][0].tolist()))
+        return p
+    monkeypatch.setattr(common, "sample_aug_params", record)
+    import exp_table1_norms as mod
+    args = harness.get_parser("", mod.PRESETS, mod.VARIANTS).parse_args(["--smoke", "--variants", "byol",
+                                                                         "--device", "cpu"])
+    _, configs, _ = harness.build_configs(args, mod.PRESETS, mod.VARIANTS)
+    cfg = dataclasses.replace(configs["byol"], epochs=1)
+    assert harness.config_hash(configs["byol"]) == "c1b1ecba3162"
+    rows = common.train_byol(cfg)
+    assert f"{rows[0]['probe_acc']:.6g}" == "26.9531"
+    assert drawn[:2] == [([[7, 10, 25, 20], [8, 10, 24, 22], [10, 12, 19, 16]], [0, 1, 1, 1, 0, 0, 0, 1],
+                          [0, 1, 1, 0, 1, 1, 0, 1], [1, 2, 3, 0]),
+                         ([[3, 0, 24, 23], [3, 17, 18, 13], [0, 1, 26, 30]], [1, 1, 0, 1, 1, 0, 0, 1],
+                          [1, 1, 1, 1, 0, 0, 0, 0], [1, 3, 2, 0])]
