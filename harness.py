@@ -12,6 +12,7 @@ module reference only, so neither needs the other at import time.
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -432,12 +433,36 @@ HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
 
 
 
+def hook_name(fn):
+    if isinstance(fn, functools.partial):
+        return f"partial({hook_name(fn.func)}, ...)"
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def hook_identity(fn):
+    """What a hook does, for the hash: its name and a digest of its source code, of what its
+    closure holds and, for functools.partial, of its bound arguments. So an edited hook (or a
+    closure over other values) retrains, and an unedited one reuses its finished runs. A hook whose
+    source cannot be read (defined in an interactive session or by exec) is refused."""
+    if isinstance(fn, functools.partial):
+        return [hook_identity(fn.func), repr(fn.args), repr(sorted(fn.keywords.items()))]
+    target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)   # a callable object: its class
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        raise UsageError(f"hook {hook_name(fn)}: its source code cannot be read, so its runs cannot be told "
+                         f"apart; define it in a .py file (a function, a class, or functools.partial of one)") from None
+    cells = [repr(c.cell_contents) for c in (getattr(fn, "__closure__", None) or ())]
+    digest = hashlib.sha1(json.dumps([source, cells]).encode()).hexdigest()[:12]
+    return f"{getattr(target, '__module__', '?')}.{hook_name(fn)}:{digest}"
+
+
 def config_hash(cfg, n_ranks=1, hooks=None):
     """12 hex digits naming every setting that changes a run's results: all Config fields but
     the seed (its own column), where the data lives, the device name and compile, with precision
     'auto' resolved (bf16 on CUDA, fp32 elsewhere); plus the process count under torchrun (BN
-    batches are per process) and the names of a variant's hooks. A CSV row with the same hash,
-    variant, seed and final epoch is a finished run of exactly these settings."""
+    batches are per process) and what a variant's hooks do (hook_identity). A CSV row with the
+    same hash, variant, seed and final epoch is a finished run of exactly these settings."""
     d = _resumable(cfg)
     del d["seed"]
     for k, default in LATER_FIELDS.items():   # fields added after results were committed: at their
@@ -446,8 +471,8 @@ def config_hash(cfg, n_ranks=1, hooks=None):
     d["precision"] = "bf16" if common.use_bf16(cfg, get_device(cfg.device)) else "fp32"
     if n_ranks > 1:
         d["processes"] = n_ranks
-    if hooks:   # a script's own model or parameter groups, by name
-        d["hooks"] = {k: f"{fn.__module__}.{fn.__qualname__}" for k, fn in hooks.items()}
+    if hooks:   # a script's own model or parameter groups, by what they do
+        d["hooks"] = {k: hook_identity(fn) for k, fn in hooks.items()}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -609,7 +634,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 cfg = dataclasses.replace(cfg, seed=seed)
                 # the values actually used, and the variant's own pieces
                 shown = [f"{k}={getattr(cfg, k)}" for k in {**variants[name], **cli} if k not in HOOKS]
-                shown += [f"{k}={fn.__name__}" for k, fn in hooks[name].items()]
+                shown += [f"{k}={hook_name(fn)}" for k, fn in hooks[name].items()]
                 print(f"[{name} seed {seed}] {', '.join(shown) or 'preset settings'}  (cfg_hash {hashes[name]})")
                 buffer = []
 

@@ -3,6 +3,7 @@ reuse of finished runs, resume, the CSV's safety, bad input, torchrun, merging a
 exp_escape_law's analysis. CPU only (conftest.py hides GPUs), no downloads."""
 import csv
 import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -522,3 +523,44 @@ def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkey
                           [0, 1, 1, 0, 1, 1, 0, 1], [1, 2, 3, 0]),
                          ([[3, 0, 24, 23], [3, 17, 18, 13], [0, 1, 26, 30]], [1, 1, 0, 1, 1, 0, 0, 1],
                           [1, 1, 1, 1, 0, 0, 0, 0], [1, 3, 2, 0])]
+
+
+HOOKED_SCRIPT = '''"""a copied script with its own parameter groups"""
+import functools
+import common
+import harness
+
+
+def groups(model, cfg, factor=FACTOR):
+    return common.param_groups(model, cfg, lr_mult={"predictor.": factor})
+
+
+VARIANTS = {"hooked": dict(groups_fn=groups), "partial": dict(groups_fn=functools.partial(groups, factor=2.0))}
+if __name__ == "__main__":
+    harness.main("hooked", __doc__, common.TABLE1_PRESETS, VARIANTS)
+'''
+
+
+def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
+    """A hook is hashed by its code: rerunning an unedited script reuses its finished runs; editing
+    the hook's body (here a default value) trains again. functools.partial works, and its bound
+    arguments count; a hook without readable source exits 2 in one line."""
+    script = tmp_path / "exp_hooked.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run():
+        return subprocess.run([sys.executable, str(script), "--smoke", "--set", "epochs=1", "--out", str(tmp_path)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    script.write_text(HOOKED_SCRIPT.replace("FACTOR", "10.0"))
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "reused 2 finished run(s)" in run().stdout
+    script.write_text(HOOKED_SCRIPT.replace("FACTOR", "3.0"))   # the hook's code changed
+    edited = run()
+    assert edited.returncode == 0 and "reused" not in edited.stdout and "2 earlier run(s)" in edited.stdout
+    a, b = (harness.hook_identity(functools.partial(common.param_groups, lr_mult=m)) for m in ({"x": 1}, {"x": 2}))
+    assert a != b
+    namespace = {}
+    exec("def made_by_exec(model, cfg):\n    return []", namespace)
+    with pytest.raises(harness.UsageError, match="source code cannot be read"):
+        harness.hook_identity(namespace["made_by_exec"])
