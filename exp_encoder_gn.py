@@ -43,14 +43,14 @@ VARIANTS = {
     "sgd_mlp_bn": dict(encoder_norm="gn"),
     "ws_sgd_no_mlp_bn": dict(NO_MLP_BN, encoder_norm="gn_ws"),
 }
-# The same at the blog's lr per image (the lever that sets the depth of collapse,
-# exp_collapse_depth.py: lr 0.2 and 0.1 at batch 256 are 0.05 and 0.025 at 64; the SGD lr 0.8 is 0.2,
-# with wd x 4 to keep the decay per step) and its channels per group (4 groups at width 8: 2-16
+# The same at a 4x smaller lr (the blog's lr per image at batch 64; a smaller lr keeps the collapse
+# shallow, at the blog's depth: exp_collapse_depth.py; SGD: wd x 4 keeps the decay per step) and
+# the blog's channels per group (4 groups at width 8: 2-16
 # channels each, where 32 groups are one channel each in layers 1-3): results/README.md, 'Recoveries'
 GN4 = dict(NO_MLP_BN, gn_groups=4)
-VARIANTS.update({"lars_lrB0.1": dict(GN4, **common.LARS_BYOL, lr=0.025),
-                 "lars_lrB0.2": dict(GN4, **common.LARS_BYOL, lr=0.05),
-                 "ws_sgd_lrB": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4)})
+VARIANTS.update({"lars_lr0.025": dict(GN4, **common.LARS_BYOL, lr=0.025),
+                 "lars_lr0.05": dict(GN4, **common.LARS_BYOL, lr=0.05),
+                 "ws_sgd_lr0.2": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4)})
 
 BLOG = {"sgd_no_mlp_bn": "33.7 -> 17.7 (ep 10 -> 319)", "lars_lr0.1": "9.6 -> 9.5",
         "lars_lr0.2": "41.6 -> 70.6", "sgd_mlp_bn": "53.7 -> 75.1", "ws_sgd_no_mlp_bn": "final 51"}

@@ -45,12 +45,12 @@ VARIANTS = {
     "bn_sgd_no_mlp_bn": dict(NO_MLP_BN),
     "bn_lars_no_mlp_bn": dict(NO_MLP_BN, **common.LARS_BYOL, lr=0.2),
     "bn_sgd_mlp_bn": dict(),
-    # C1 at the blog's lr per image (0.8 at batch 256 = 0.2 at 64: the lever that sets the depth of
-    # collapse, exp_collapse_depth.py) and its decay per step (lr x wd = 8e-5), with decay on the
+    # C1 at lr 0.2 (the blog's lr per image at batch 64; a smaller lr keeps the collapse shallow, at
+    # the blog's depth: exp_collapse_depth.py) and the blog's decay per step (lr x wd = 8e-5), with decay on the
     # encoder's conv weights only (scale-invariant under BN), or on no 1-D parameter (biases, BN
     # gains): results/README.md, 'Recoveries'
     "bn_sgd_no_mlp_bn_conv_wd": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="conv"),
-    "bn_sgd_no_mlp_bn_lrB_wd_weights": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="weights"),
+    "bn_sgd_no_mlp_bn_wd_weights": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="weights"),
     "gn_lars_layer12": dict(GN_LARS, lars_params="layer12"),
     "gn_lars_mlp": dict(GN_LARS, lars_params="mlp"),
     "gn_lars_lr0.5": dict(GN_LARS, lr=0.5),
