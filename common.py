@@ -35,6 +35,11 @@ class Config:
     data_dir: str = ""               # "" = $BYOL_DATA, ./data, ../shared/data (first that has it)
     train_subset: int = 0            # pretrain on the first N training images (0 = all)
     image_size: int = 0              # resize every image to N x N px once at load (0 = as stored)
+    # augmentations (the blog's, Appendix B), a pair each: (view v, view v'); one number = both views
+    aug_crop_scale: tuple = (0.2, 0.2)   # RandomResizedCrop's smallest area (BYOL paper: 0.08)
+    aug_jitter: tuple = (1.0, 1.0)   # colour-jitter strength: x (0.4, 0.4, 0.4, 0.1), applied w.p. 0.8
+    aug_blur: tuple = (0.5, 0.5)     # Gaussian blur probability (BYOL paper: 1.0, 0.1)
+    aug_solarize: tuple = (0.0, 0.0)   # solarize probability (BYOL paper: 0.0, 0.2)
     # encoder f: ResNet-18
     stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
@@ -48,6 +53,7 @@ class Config:
                                      # the batch (ghost BN); 0 = the whole batch
     mlp_hidden_dim: int = 512
     proj_dim: int = 128
+    proj_out_norm: str = "none"      # a norm on the projector's output z (SimSiam: bn); none: the blog's
     proj_layers: int = 2             # Linear layers of the projector g (0 = identity, z = y)
     pred_layers: int = 2             # ... of the predictor q (0 = identity: BYOL without a predictor)
     # loss
@@ -91,14 +97,23 @@ class Config:
                                      # only: projector, predictor, loss, probe are always fp32
     compile: bool = False            # torch.compile the online and target networks
     sync_bn: bool = False            # under torchrun: BN statistics over the global batch (all
+                                     # ranks); off: each rank's BN sees batch_size / world samples
+
+    def __post_init__(self):   # one number for a per-view pair means both views
+        for f in AUG_FIELDS:
+            v = getattr(self, f)
+            v = tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else (float(v),)
+            object.__setattr__(self, f, v * 2 if len(v) == 1 else v)
 
 
-MLP_NORMS = ("none", "bn", "ln", "gn", "gn_ws", "bn_noaffine", "bn_center", "bn_scale")
+AUG_FIELDS = ("aug_crop_scale", "aug_jitter", "aug_blur", "aug_solarize")
 
+
+
+# the values each str field allows (the MLP norms' names join below, with MLP_NORMS)
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
-               encoder_norm=("bn", "gn", "gn_ws", "none"), proj_norm=MLP_NORMS,
-               pred_norm=MLP_NORMS, objective=("byol", "contrastive"), loss_form=("cos", "sqdist"),
-               decay_params=("all", "weights", "conv"),
+               encoder_norm=("bn", "gn", "gn_ws", "none"), objective=("byol", "contrastive"),
+               loss_form=("cos", "sqdist"), decay_params=("all", "weights", "conv"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
                probe_fit=("liblinear", "standardized"), lars_form=("blog", "byol"),
@@ -148,6 +163,11 @@ APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR1
 # 1.5e-6 off biases and norms, tau 0.996 -> 1 on a per-step cosine), run through the blog's own LARS
 # update (lars_form="blog": the blog's appendix runs used its lars.py; see LARS)
 LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine", lars_form="blog")
+# The BYOL paper's asymmetric augmentations (its Table 6): crops down to 8% of the area, view v
+# always blurred and never solarized, view v' blurred w.p. 0.1 and solarized w.p. 0.2. (Its
+# saturation jitter is 0.2 where the blog's is 0.4; aug_jitter scales all four together, so that
+# one difference stays.)
+BYOL_AUG = dict(aug_crop_scale=0.08, aug_blur=(1.0, 0.1), aug_solarize=(0.0, 0.2))
 
 
 
@@ -264,8 +284,9 @@ def resize_images(data, size):
 
 
 def sample_aug_params(n, size, gen, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
-                      p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
-    """Per-image parameters, drawn like torchvision's RandomResizedCrop/ColorJitter/... do."""
+                      p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), p_solarize=0.0):
+    """Per-image parameters, drawn like torchvision's RandomResizedCrop/ColorJitter/... do. The
+    solarize draw comes last and only where p_solarize > 0, so the blog's views draw as before."""
     def u(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=gen, device=device)
     # RandomResizedCrop: 10 tries of (area, log-uniform aspect), first valid one wins,
@@ -291,7 +312,8 @@ def sample_aug_params(n, size, gen, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 
         order=torch.argsort(u(n, 4), dim=1),                         # random op order per image
         gray=u(n) < p_gray,
         blur=u(n) < p_blur,
-        sigma=u(n, lo=sigma[0], hi=sigma[1]))
+        sigma=u(n, lo=sigma[0], hi=sigma[1]),
+        solarize=u(n) < p_solarize if p_solarize > 0 else torch.zeros(n, dtype=torch.bool, device=device))
 
 
 
@@ -396,7 +418,13 @@ def apply_aug(x_u8, params, mean, std):
     img = color_jitter(img, params["factors"], params["order"], params["jitter"])
     img = torch.where(params["gray"][:, None, None, None], grayscale(img).expand_as(img), img)
     img = gaussian_blur(img, params["sigma"] * size / 96, params["blur"], blur_kernel_size(size))
+    img = torch.where(params["solarize"][:, None, None, None], solarize(img), img)
     return normalize(img, mean, std)
+
+
+def solarize(img):
+    """The BYOL paper's solarization (its Table 6): x if x < 0.5 else 1 - x, on [0, 1] images."""
+    return torch.where(img < 0.5, img, 1.0 - img)
 
 
 
@@ -413,19 +441,27 @@ def mean_std(dataset, device):
 
 
 
-def augment(x_u8, gen, mean, std, part=slice(None)):
+def view_settings(cfg):
+    """sample_aug_params' settings for view v and view v' from cfg's aug_* fields (a pair each:
+    the blog uses the same for both views, the BYOL paper blurs v always and v' rarely, and
+    solarizes v' only)."""
+    return [dict(scale=(cfg.aug_crop_scale[i], 1.0), jitter=tuple(cfg.aug_jitter[i] * j for j in (0.4, 0.4, 0.4, 0.1)),
+                 p_blur=cfg.aug_blur[i], p_solarize=cfg.aug_solarize[i]) for i in (0, 1)]
+
+
+def augment(x_u8, gen, mean, std, part=slice(None), **settings):
     """One random view of every image of a uint8 batch, on x's device. part: the slice of the
     batch to make views of (a rank's share); the parameters are drawn for the whole batch, so
-    a view does not depend on how the batch is split over ranks."""
-    params = sample_aug_params(len(x_u8), x_u8.shape[-1], gen, x_u8.device)
+    a view does not depend on how the batch is split over ranks. settings: sample_aug_params'."""
+    params = sample_aug_params(len(x_u8), x_u8.shape[-1], gen, x_u8.device, **settings)
     return apply_aug(x_u8[part], {k: v[part] for k, v in params.items()}, mean, std)
 
 
 
-def two_views(x_u8, gen, mean, std, part=slice(None), fmt=torch.contiguous_format):
-    """Two independent random views of a uint8 batch (of its part), in the convolutions'
-    memory format fmt (conv_format)."""
-    return tuple(augment(x_u8, gen, mean, std, part).contiguous(memory_format=fmt) for _ in range(2))
+def two_views(x_u8, gen, mean, std, part=slice(None), fmt=torch.contiguous_format, views=({}, {})):
+    """Two independent random views v, v' of a uint8 batch (of its part), in the convolutions'
+    memory format fmt (conv_format); views: each view's settings (view_settings; default the blog's)."""
+    return tuple(augment(x_u8, gen, mean, std, part, **v).contiguous(memory_format=fmt) for v in views)
 
 
 
@@ -546,30 +582,56 @@ class BatchNormParts(nn.Module):
 
 
 
+class RunningBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm that normalizes with its running statistics in training too (eval-mode BN, a
+    question the blog raises: is it the batch statistics that prevent collapse, or BN's
+    conditioning?). The running statistics are updated from each batch after it is normalized, as
+    plain constants: no gradient flows through them, and each view's forward reads a copy, so the
+    update does not touch a tensor that backward still needs."""
+
+    def forward(self, x):
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.lerp_(x.mean(0).float(), self.momentum)
+                self.running_var.lerp_(x.var(0).float(), self.momentum)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+# MLP norms by name: (dim, bn_group) -> the module after each hidden Linear (and after the
+# projector's last one with proj_out_norm). Plain "bn" over the whole batch is nn.BatchNorm1d (so
+# --sync-bn can convert it); ghost groups and BN's parts are BatchNormParts. A script adds its own
+# with MLP_NORMS["name"] = lambda dim, bn_group: ..., then proj_norm="name" (validated, in the hash
+# and the cfg_* columns like any other; a norm added this way is hashed by its code).
+_PARTS = {"bn_noaffine": dict(affine=False), "bn_center": dict(scale=False, affine=False),
+          "bn_scale": dict(center=False, affine=False)}
+MLP_NORMS = {
+    "none": lambda dim, bn_group: nn.Identity(),
+    "bn": lambda dim, bn_group: BatchNormParts(dim, bn_group) if bn_group else nn.BatchNorm1d(dim),
+    "ln": lambda dim, bn_group: nn.LayerNorm(dim),
+    "gn": lambda dim, bn_group: nn.GroupNorm(min(32, dim), dim),
+    "gn_ws": lambda dim, bn_group: nn.GroupNorm(min(32, dim), dim),   # build_mlp standardizes the Linear
+    "bn_running": lambda dim, bn_group: RunningBatchNorm1d(dim),
+    **{name: (lambda dim, bn_group, kw=kw: BatchNormParts(dim, bn_group, **kw)) for name, kw in _PARTS.items()},
+}
+BUILTIN_NORMS = frozenset(MLP_NORMS)
+CHOICES.update(proj_norm=MLP_NORMS, pred_norm=MLP_NORMS, proj_out_norm=MLP_NORMS)   # the dict itself:
+                                                                                 # added names count
+
+
 def mlp_norm(kind, dim, bn_group=0):
-    """The norm after the MLP's first Linear. Plain "bn" over the whole batch is nn.BatchNorm1d
-    (so --sync-bn can convert it); ghost groups and BN's parts are BatchNormParts."""
-    if kind == "bn" and not bn_group:
-        return nn.BatchNorm1d(dim)
-    parts = {"bn": {}, "bn_noaffine": dict(affine=False),
-             "bn_center": dict(scale=False, affine=False), "bn_scale": dict(center=False, affine=False)}
-    if kind in parts:
-        return BatchNormParts(dim, bn_group, **parts[kind])
-    if kind in ("gn", "gn_ws"):
-        return nn.GroupNorm(min(32, dim), dim)
-    if kind == "ln":
-        return nn.LayerNorm(dim)
-    if kind == "none":
-        return nn.Identity()
-    raise harness.UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
+    if kind not in MLP_NORMS:
+        raise harness.UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
+    return MLP_NORMS[kind](dim, bn_group)
 
 
-
-def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2):
+def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2, out_norm="none"):
     """Projector / predictor, as the blog's utils.MLP: num_layers 0 = identity, 1 = one Linear,
     n >= 2 = (Linear -> norm -> ReLU) x (n - 1) -> Linear. The norm follows every hidden Linear,
-    never the last (the blog's Figure 'byol_arch', the BYOL paper). gn_ws: the Linear before each
-    GroupNorm is weight-standardized, as each conv before a norm is in a gn_ws encoder."""
+    never the last (the blog's Figure 'byol_arch', the BYOL paper), unless out_norm names one for
+    the output (SimSiam's BN on z); it comes last, so the layers keep their indices (0, 3, ...).
+    gn_ws: the Linear before each GroupNorm is weight-standardized, as each conv before a norm is
+    in a gn_ws encoder."""
     if num_layers == 0:
         return nn.Identity()
     layers, dim = [], in_dim
@@ -577,7 +639,10 @@ def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2):
         first = WSLinear if norm == "gn_ws" else nn.Linear
         layers += [first(dim, hidden_dim), mlp_norm(norm, hidden_dim, bn_group), nn.ReLU(inplace=True)]
         dim = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
+    layers.append(nn.Linear(dim, out_dim))
+    if out_norm != "none":
+        layers.append(mlp_norm(out_norm, out_dim, bn_group))
+    return nn.Sequential(*layers)
 
 
 
@@ -607,7 +672,7 @@ class BYOL(nn.Module):
         y_dim = self.online_encoder.out_dim
         z_dim = cfg.proj_dim if cfg.proj_layers else y_dim   # no projector: z = y
         self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, z_dim, cfg.proj_norm, cfg.mlp_bn_group,
-                                          cfg.proj_layers)
+                                          cfg.proj_layers, cfg.proj_out_norm)
         self.predictor = build_mlp(z_dim, cfg.mlp_hidden_dim, z_dim, cfg.pred_norm, cfg.mlp_bn_group, cfg.pred_layers)
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
@@ -647,7 +712,7 @@ class BYOL(nn.Module):
                     loss = 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
             else:
                 loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
-            return dict(loss=loss, new_keys=t2, **collapse_stats(z1, z2, t1, t2))
+            return dict(loss=loss, new_keys=t2, z=z1.detach(), **collapse_stats(z1, z2, t1, t2))
 
     def info_nce(self, q, k):
         """Cross-entropy of the positive q.k against q.queue (negatives), temperature T."""
@@ -888,14 +953,14 @@ def train_step(model, step_fn, opt, v1, v2, tau, amp):
 
 
 @torch.no_grad()
-def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguous_format):
+def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguous_format, view={}):
     """Fills the queue with target projections of augmented real images before training. With
     a randomly initialized queue, a network whose initial projections are already similar can
     lower the loss by collapsing onto one direction away from the random negatives; once the
     queue holds only collapsed keys the gradient vanishes (measured on the cpu preset)."""
     idx = torch.randperm(len(images_u8), generator=gen, device=images_u8.device)[:len(model.queue)]
     for chunk in idx.split(batch_size):
-        views = augment(images_u8[chunk], gen, mean, std).contiguous(memory_format=fmt)
+        views = augment(images_u8[chunk], gen, mean, std, **view).contiguous(memory_format=fmt)
         keys = model.target(views)
         model.enqueue_(F.normalize(keys.float(), dim=1))
 
@@ -906,7 +971,7 @@ STATS = ("loss", "pos_cos", "neg_cos", "z_std", "pos_gap", "neg_gap")
 
 
 
-def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None):
+def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None, metrics_fn=None):
     """Pretrains BYOL per cfg; returns one dict per epoch (epoch 0 = the untrained network):
     epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, pos_gap, neg_gap,
     lr, tau, wall_s, probe_liblinear, probe_standardized (and lars_lr:*, lr:* where they apply).
@@ -916,7 +981,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     again), giving the same numbers as an uninterrupted run.
     Your own pieces, without editing this file: model_fn(cfg) -> a module with BYOL's attributes
     and forward (default BYOL); groups_fn(model, cfg) -> optimizer parameter groups (default
-    param_groups; a group may carry lr_mult and label, see param_groups). model_fn builds both
+    param_groups; a group may carry lr_mult and label, see param_groups); metrics_fn(model, views,
+    out) -> {column: value}, called once an epoch with the epoch's last views and the model's
+    outputs on them (out["z"]: the online projections of v), adds its columns to the row (no extra
+    forward: BN's running statistics stay as training left them). model_fn builds both
     networks: BYOL.__init__ deep-copies the online encoder and projector into the target, so
     a change to the online projector made after that must be made to the target too. The loop
     puts the model in train mode every epoch and the probe's encoder in eval mode."""
@@ -950,6 +1018,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     step_fn = harness.ddp(model, device)   # model itself in one process
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
     part = harness.rank_slice(cfg.batch_size)   # this process's share of every batch
+    views = view_settings(cfg)
 
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
     total_steps = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch   # tau's cosine period, as lr's
@@ -958,7 +1027,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     if saved:
         rows, step = harness.restore(saved, model, opt, gen, on_epoch)
     elif cfg.objective == "contrastive" and cfg.queue_init == "data":
-        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt)
+        fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt, views[1])   # keys: z' of views v'
     start = time.time() - (rows[-1]["wall_s"] if rows else 0)
     for epoch in range(len(rows), cfg.epochs + 1):
         sums = torch.zeros(len(STATS), device=device)   # the epoch's STATS, read once an epoch
@@ -972,7 +1041,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
                     lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_mult", 1.0)
-                    out = train_step(model, step_fn, opt, *two_views(x, gen, mean, std, part, fmt), tau, amp)
+                    v = two_views(x, gen, mean, std, part, fmt, views)
+                    out = train_step(model, step_fn, opt, *v, tau, amp)
                     sums += torch.stack([out[k].detach() for k in STATS])
                     step += 1
         sums = harness.mean_over_ranks(sums)   # the global batch's means under torchrun
@@ -984,6 +1054,9 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
                    neg_cos=means["neg_cos"], z_std=means["z_std"], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
                    probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"),
                    pos_gap=means["pos_gap"], neg_gap=means["neg_gap"])
+        if metrics_fn and epoch > 0:
+            with torch.no_grad():
+                row.update(metrics_fn(model, v, out))
         if cfg.optimizer == "lars":
             row.update(lars_lrs(opt))
         row.update({f"lr:{g.get('label', i)}": None if lr is None else lr * g["lr_mult"]

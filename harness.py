@@ -46,6 +46,12 @@ def check_config(cfg):
     for key, allowed in common.CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in common.AUG_FIELDS:   # a pair (view v, view v')
+        v = getattr(cfg, key)
+        if len(v) != 2 or not all(math.isfinite(x) and 0 <= x <= (2 if key == "aug_jitter" else 1) for x in v):
+            raise UsageError(f"{key} must be one value or two (v, v'), each in [0, {2 if key == 'aug_jitter' else 1}], got {v}")
+    if min(cfg.aug_crop_scale) <= 0:
+        raise UsageError(f"aug_crop_scale must be > 0, got {cfg.aug_crop_scale}")
     for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -381,7 +387,8 @@ def parse_overrides(pairs):
             out[key] = BOOLS[value.lower()]
             continue
         try:
-            out[key] = {"int": int, "float": float, "str": str}[kind](value)
+            out[key] = tuple(float(x) for x in value.split(",")) if kind == "tuple" else \
+                {"int": int, "float": float, "str": str}[kind](value)
         except ValueError:
             raise UsageError(f"--set {pair!r}: {value!r} is not a valid {kind}") from None
     return out
@@ -424,12 +431,15 @@ def build_configs(args, presets, variants, extra_variants=None):
 # ======================================================================== config hash
 
 # Config fields added after the committed results/ were made, with their defaults (config_hash)
-LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all")
+LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all", proj_out_norm="none",
+                    aug_crop_scale=(0.2, 0.2), aug_jitter=(1.0, 1.0), aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0))
 
 # A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
-HOOKS = ("model_fn", "groups_fn")
+HOOKS = ("model_fn", "groups_fn", "metrics_fn")
 HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
-                   "groups_fn": "(model, cfg) -> optimizer parameter groups"}
+                   "groups_fn": "(model, cfg) -> optimizer parameter groups",
+                   "metrics_fn": "(model, views, out) -> {column: value} once an epoch (name its columns in "
+                                 "extra_columns)"}
 
 
 
@@ -471,6 +481,9 @@ def config_hash(cfg, n_ranks=1, hooks=None):
     d["precision"] = "bf16" if common.use_bf16(cfg, get_device(cfg.device)) else "fp32"
     if n_ranks > 1:
         d["processes"] = n_ranks
+    added = {getattr(cfg, k) for k in ("proj_norm", "pred_norm", "proj_out_norm")} - common.BUILTIN_NORMS
+    if added:   # norms a script registered in common.MLP_NORMS, by what they do
+        d["norms"] = {name: hook_identity(common.MLP_NORMS[name]) for name in sorted(added)}
     if hooks:   # a script's own model or parameter groups, by what they do
         d["hooks"] = {k: hook_identity(fn) for k, fn in hooks.items()}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -586,6 +599,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     seeds = parse_seeds(args.seeds)
     over_keys = sorted({k for v in variants.values() for k in v if k not in HOOKS})
     header = COLUMNS + list(extra_columns) + ["cfg_hash"] + [f"cfg_{k}" for k in over_keys]
+    metric_columns = [c for c in extra_columns if not c.startswith(("lars_lr:", "lr:"))]   # a metrics_fn's
     rank, n_ranks = world()
     hashes = {name: config_hash(cfg, n_ranks, hooks[name]) for name, cfg in configs.items()}
     wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
@@ -642,7 +656,12 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                     print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}  probe {cell(row['probe_acc']) or '-':>7}"
                           f"  pos_cos {cell(row['pos_cos']) or '-':>9}  neg_cos {cell(row['neg_cos']) or '-':>9}"
                           f"  z_std {cell(row['z_std']) or '-':>9}  neg_gap {cell(row['neg_gap']) or '-':>9}"
-                          f"  {row['wall_s']:.0f}s", flush=True)
+                          + "".join(f"  {k} {cell(row.get(k)) or '-':>9}" for k in metric_columns)
+                          + f"  {row['wall_s']:.0f}s", flush=True)
+                    unknown = [k for k in row if k not in header and not k.startswith(("lars_lr:", "lr:"))]
+                    if unknown:   # a metric with no column would be dropped from the CSV without a word
+                        raise UsageError(f"variant {name}: row keys {', '.join(unknown)} have no CSV column; "
+                                         f"add them to extra_columns in the script's harness.main call")
                     full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name],
                                 **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
                     buffer.append({k: cell(v) for k, v in full.items()})
@@ -657,14 +676,14 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         if rank == 0:
             final = [r for r in read_rows(path, header) if wanted.get((r["variant"], int(r["seed"]))) == r["cfg_hash"]
                      and is_final(r, configs[r["variant"]].epochs)]
-            print_summary(final, list(configs), blog or {})
+            print_summary(final, list(configs), blog or {}, metric_columns)
         return path
     finally:
         if lock:
             lock.close()
 
 
-def print_summary(rows, names, blog):
+def print_summary(rows, names, blog, metric_columns=()):
     """Probe accuracy and cosines of each run's last row, mean +- std over seeds (sample std,
     n - 1), beside the blog's numbers."""
     last = {}
@@ -681,11 +700,12 @@ def print_summary(rows, names, blog):
     epochs = sorted({int(r["epoch"]) for r in last.values()})
     print(f"\nlast epoch ({', '.join(map(str, epochs))}), mean +- std over {len({s for _, s in last})} seed(s); "
           f"probe_acc is the blog's liblinear fit unless probe_fit says otherwise, std_probe the standardized fit:")
-    print(f"{'variant':<22}{'probe_acc':>16}{'std_probe':>16}{'pos_cos':>20}{'neg_cos':>20}   blog (acc / pos / neg)")
+    print(f"{'variant':<22}{'probe_acc':>16}{'std_probe':>16}{'pos_cos':>20}{'neg_cos':>20}"
+          + "".join(f"{c:>20}" for c in metric_columns) + "   blog (acc / pos / neg)")
     for name in names:
         ref = blog.get(name, "")
         print(f"{name:<22}{ms(name, 'probe_acc'):>16}{ms(name, 'probe_standardized'):>16}{ms(name, 'pos_cos'):>20}"
-              f"{ms(name, 'neg_cos'):>20}   {ref}")
+              f"{ms(name, 'neg_cos'):>20}" + "".join(f"{ms(name, c):>20}" for c in metric_columns) + f"   {ref}")
 
 
 def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variants=None, argv=None):

@@ -41,13 +41,43 @@ def test_mlp_shapes_and_norm_after_first_linear_only(norm):
     assert kinds[-1] is nn.Linear and kinds[2] is nn.ReLU
     parts = common.BatchNormParts
     expected = {"none": nn.Identity, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "gn": nn.GroupNorm,
-                "gn_ws": nn.GroupNorm, "bn_noaffine": parts, "bn_center": parts, "bn_scale": parts}[norm]
+                "gn_ws": nn.GroupNorm, "bn_noaffine": parts, "bn_center": parts, "bn_scale": parts,
+                "bn_running": common.RunningBatchNorm1d}[norm]
     assert kinds[1] is expected
     n_norms = sum(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm, parts)) for m in mlp)
     assert n_norms == (0 if norm == "none" else 1)
     # ghost BN: plain "bn" with a group size becomes BatchNormParts with that group
     ghost = common.build_mlp(64, 128, 16, "bn", bn_group=4)[1]
     assert type(ghost) is parts and ghost.group == 4 and ghost.weight is not None
+
+
+def test_running_statistics_bn_normalizes_with_what_it_had_before_the_batch():
+    """bn_running (eval-mode BN in training): the output is the batch normalized with the running
+    statistics from before it, which then move towards the batch's; gradients flow to the input and
+    the affine parameters but not through the statistics, and two views' forwards share one backward."""
+    bn = common.RunningBatchNorm1d(5)
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+        bn.running_var.fill_(4.0)
+        bn.weight.fill_(2.0)
+    x1, x2 = (torch.randn(16, 5, requires_grad=True) for _ in range(2))
+    y1 = bn(x1)
+    assert torch.allclose(y1, 2.0 * (x1 - 1.0) / math.sqrt(4.0 + bn.eps), atol=1e-6)
+    assert torch.allclose(bn.running_mean, 0.9 * 1.0 + 0.1 * x1.detach().mean(0))
+    y2 = bn(x2)   # the second view reads the updated statistics
+    (y1.sum() + y2.sum()).backward()
+    assert torch.allclose(x1.grad, torch.full_like(x1, 2.0 / math.sqrt(4.0 + bn.eps)))
+    assert bn.weight.grad is not None and bn.running_mean.grad is None
+
+
+def test_projector_output_norm_keeps_the_layer_names():
+    """proj_out_norm=bn puts a BN on z after the projector's last Linear (SimSiam), appended, so
+    the Linear layers keep the names the LARS logging reads (projector.0, projector.3)."""
+    model = common.BYOL(dataclasses.replace(SMALL, proj_out_norm="bn"))
+    names = [n for n, _ in model.online_projector.named_parameters()]
+    assert names[:4] == ["0.weight", "0.bias", "1.weight", "1.bias"] and "3.weight" in names
+    assert isinstance(model.online_projector[-1], nn.BatchNorm1d) and isinstance(model.target_projector[-1], nn.BatchNorm1d)
+    assert {f"online_projector.{i}.weight" for i in (0, 3)} <= set(common.LARS_LOGGED)
 
 
 def test_mlp_depth_as_the_blogs_mlp():
@@ -417,6 +447,46 @@ def test_color_ops_match_torchvision():
             assert torch.allclose(ours[i], ref_fn(img[i], factor[i].item()), atol=1e-5), (op, i)
     gray = common.grayscale(img).expand_as(img)
     assert torch.allclose(gray, TF.rgb_to_grayscale(img, 3), atol=1e-6)
+
+
+def test_solarize_matches_torchvision_and_is_applied_per_image():
+    img = _images(8)
+    assert torch.allclose(common.solarize(img), TF.solarize(img, 0.5), atol=1e-7)
+    mean, std = common.mean_std("synthetic", "cpu")
+    params = _params(8)
+    params["solarize"] = torch.tensor([True, False] * 4)
+    x = (img * 255).round().to(torch.uint8)
+    on, off = (common.apply_aug(x, dict(params, solarize=m), mean, std)
+               for m in (params["solarize"], torch.zeros(8, dtype=torch.bool)))
+    assert torch.equal(on[1::2], off[1::2]) and not torch.allclose(on[0::2], off[0::2])
+    expected = (common.solarize(off * std + mean) - mean) / std
+    assert torch.allclose(on[0::2], expected[0::2], atol=1e-5)
+
+
+def test_views_get_their_own_augmentation_settings_at_the_asked_rates():
+    """view_settings gives each view its own crop scale, jitter strength and blur and solarize
+    rates (here the BYOL paper's asymmetric recipe); each view's parameters are drawn independently
+    of the other's, per image, at the asked-for rates. The blog's settings (the default) draw no
+    solarize, so their random stream is what it was before solarize existed."""
+    cfg = dataclasses.replace(SMALL, **common.BYOL_AUG, aug_jitter=(1.0, 0.5))
+    v, v2 = common.view_settings(cfg)
+    assert v["p_blur"] == 1.0 and v2["p_blur"] == 0.1 and v["p_solarize"] == 0.0 and v2["p_solarize"] == 0.2
+    assert v["scale"] == (0.08, 1.0) and v2["jitter"] == (0.2, 0.2, 0.2, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    p1, p2 = (common.sample_aug_params(n, 32, gen, torch.device("cpu"), **s) for s in (v, v2))
+    for p, blur, sol in ((p1, 1.0, 0.0), (p2, 0.1, 0.2)):
+        assert abs(p["blur"].float().mean() - blur) < 0.01 and abs(p["solarize"].float().mean() - sol) < 0.01
+    area = p1["box"][:, 2] * p1["box"][:, 3] / 32 ** 2
+    assert area.min() < 0.1 and area.min() >= 0.07                           # down to 8%
+    assert p2["factors"][:, 0].min() >= 0.8 and p2["factors"][:, 0].max() <= 1.2   # strength 0.5
+    # independent: v's solarize/blur draws say nothing about v''s
+    both = (p2["solarize"] & (p1["flip"])).float().mean()
+    assert abs(both - 0.2 * 0.5) < 0.01
+    default = common.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"))
+    again = common.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"), p_solarize=0.0)
+    assert not default["solarize"].any() and all(torch.equal(default[k], again[k]) for k in default)
+    assert dataclasses.replace(SMALL, aug_blur=0.3).aug_blur == (0.3, 0.3)   # one value: both views
 
 
 def test_color_jitter_random_order_matches_sequential_torchvision():

@@ -564,3 +564,58 @@ def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
     exec("def made_by_exec(model, cfg):\n    return []", namespace)
     with pytest.raises(harness.UsageError, match="source code cannot be read"):
         harness.hook_identity(namespace["made_by_exec"])
+
+
+def test_a_norm_registered_by_name_is_validated_hashed_and_in_the_csv(tmp_path):
+    """A script adds an MLP norm to common.MLP_NORMS and names it in a variant: the run validates,
+    its cfg_* column names it, and its hash covers the norm's code (an edited norm retrains)."""
+    script = tmp_path / "exp_mynorm.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    text = '''"""a registered norm"""
+import torch.nn as nn
+import common
+import harness
+
+common.MLP_NORMS["ln_noaffine"] = lambda dim, bn_group: nn.LayerNorm(dim, elementwise_affine=AFFINE)
+VARIANTS = {"mine": dict(proj_norm="ln_noaffine", pred_norm="ln_noaffine")}
+if __name__ == "__main__":
+    harness.main("mynorm", __doc__, common.TABLE1_PRESETS, VARIANTS)
+'''
+    def run():
+        return subprocess.run([sys.executable, str(script), "--smoke", "--set", "epochs=1", "--out", str(tmp_path)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    script.write_text(text.replace("AFFINE", "False"))
+    r = run()
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "mynorm_smoke.csv")))
+    assert {row["cfg_proj_norm"] for row in rows} == {"ln_noaffine"}
+    assert "reused 1 finished run(s)" in run().stdout
+    script.write_text(text.replace("AFFINE", "True"))
+    edited = run()
+    assert edited.returncode == 0 and "reused" not in edited.stdout
+    with pytest.raises(harness.UsageError, match="proj_norm='nope'"):
+        harness.check_config(dataclasses.replace(SMALL, proj_norm="nope"))
+
+
+def test_a_metric_column_is_written_shown_and_survives_a_resume(tmp_path):
+    """ablation_effective_rank.py's metrics_fn: its column is in the CSV for every trained epoch, on
+    the console and in the summary; a run killed after its first epoch and resumed from the
+    checkpoint gives the uninterrupted run's column (the checkpoint keeps the rows)."""
+    script = str(ROOT / "ablation_effective_rank.py")
+    args = [script, "--smoke", "--variants", "byol", "--set", "epochs=3", "--device", "cpu"]
+    ref = _run(args + ["--out", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    assert "z_rank" in ref.stdout.splitlines()[-2]   # the summary's header
+    rows = list(csv.DictReader(open(tmp_path / "ref" / "effective_rank_smoke.csv")))
+    ranks = [r["z_rank"] for r in rows]
+    assert ranks[0] == "" and all(1.0 <= float(x) <= 16.0 for x in ranks[1:])
+    cut = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, *args, "--out", str(cut)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:   # kill it once epoch 1's checkpoint is on disk
+        if "epoch   2" in line or ("epoch   1" in line and list((cut / "checkpoints").glob("*.pt"))):
+            p.kill()
+            break
+    p.wait()
+    resumed = _run(args + ["--out", str(cut)], tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    assert [r["z_rank"] for r in csv.DictReader(open(cut / "effective_rank_smoke.csv"))] == ranks

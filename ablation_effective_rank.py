@@ -1,0 +1,39 @@
+"""Ablation (not in the blog): one more per-epoch metric, the effective rank of z.
+
+Question: the blog reads collapse off the cosines of z and z'. The effective rank of the online
+projections z (Roy & Vetterli 2007: exp of the entropy of the normalized singular values of the
+centered batch; 1 for a batch on one line, up to proj_dim for a spread one) says in how many
+directions the batch still varies. Does it fall with the cosines without MLP norm, and stay high
+with BN?
+
+    variant     MLP norm
+    byol        BN
+    no_norm     none
+
+Shows a metrics_fn hook: called once an epoch on the epoch's last batch (no extra forward), its
+keys become CSV columns (named in extra_columns), appear on the console and in the summary, and
+survive a resume. Settings: Table 1's presets. Expect (not measured here): rank well above 1 for
+byol, near 1 for no_norm.
+
+    python ablation_effective_rank.py --epochs 10
+"""
+import torch
+
+import common
+import harness
+
+PRESETS = common.TABLE1_PRESETS
+
+
+def z_rank(model, views, out):
+    """Effective rank of the online projections z of the epoch's last batch (view v)."""
+    z = out["z"].float()
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp_min(1e-30)
+    return {"z_rank": torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()}
+
+
+VARIANTS = {"byol": dict(metrics_fn=z_rank), "no_norm": dict(proj_norm="none", pred_norm="none", metrics_fn=z_rank)}
+
+if __name__ == "__main__":
+    harness.main("effective_rank", __doc__, PRESETS, VARIANTS, extra_columns=["z_rank"])
