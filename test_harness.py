@@ -619,3 +619,15 @@ def test_a_metric_column_is_written_shown_and_survives_a_resume(tmp_path):
     resumed = _run(args + ["--out", str(cut)], tmp_path)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
     assert [r["z_rank"] for r in csv.DictReader(open(cut / "effective_rank_smoke.csv"))] == ranks
+
+
+def test_gpu_report_runs_every_section_on_the_cpu(tmp_path):
+    """The first command a GPU user runs, on its CPU path (--quick: tiny sizes, synthetic data):
+    every section runs and the report file holds each one."""
+    out = tmp_path / "report.txt"
+    r = _run([str(ROOT / "gpu_report.py"), "--device", "cpu", "--quick", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = out.read_text()
+    for name in ("env", "smoke", "speed", "epoch", "probe", "syncs", "rerun", "collapse"):
+        assert f"== {name} (" in text
+    assert "FAILED" not in text and "identical rows" in text and "the uninterrupted numbers" in text
