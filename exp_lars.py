@@ -51,6 +51,7 @@ VARIANTS = {
     # gains): results/README.md, 'Recoveries'
     "bn_sgd_no_mlp_bn_conv_wd": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="conv"),
     "bn_sgd_no_mlp_bn_wd_weights": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="weights"),
+    "bn_sgd_no_mlp_bn_lr0.2": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4),   # decay on every parameter
     "gn_lars_layer12": dict(GN_LARS, lars_params="layer12"),
     "gn_lars_mlp": dict(GN_LARS, lars_params="mlp"),
     "gn_lars_lr0.5": dict(GN_LARS, lr=0.5),
