@@ -109,7 +109,6 @@ class Config:
 AUG_FIELDS = ("aug_crop_scale", "aug_jitter", "aug_blur", "aug_solarize")
 
 
-
 # the values each str field allows (the MLP norms' names join below, with MLP_NORMS)
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
                encoder_norm=("bn", "gn", "gn_ws", "none"), objective=("byol", "contrastive"),
@@ -170,7 +169,6 @@ LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_sched
 BYOL_AUG = dict(aug_crop_scale=0.08, aug_blur=(1.0, 0.1), aug_solarize=(0.0, 0.2))
 
 
-
 # ================================================================================ data
 # Images stay uint8 tensors on the training device; views are made there (augmentations below).
 
@@ -178,7 +176,6 @@ BYOL_AUG = dict(aug_crop_scale=0.08, aug_blur=(1.0, 0.1), aug_solarize=(0.0, 0.2
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
-
 
 
 def load_dataset(name, data_dir="", download=False):
@@ -199,7 +196,6 @@ def _unpickle(path):
                          f"download CIFAR-10 again (--download)") from None
 
 
-
 def load_cifar10(folder):
     """CIFAR-10 python-format batches read directly (torchvision's class would check md5s)."""
     def batches(names):
@@ -217,7 +213,6 @@ def load_cifar10(folder):
     return dict(pretrain_x=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
-
 def _read_stl(path, images):
     n_bytes = path.stat().st_size
     if images and n_bytes % (3 * 96 * 96):
@@ -227,7 +222,6 @@ def _read_stl(path, images):
         return torch.from_numpy(a.astype(np.int64) - 1)  # labels are stored as 1..10
     # STL-10 binary stores each image channel-major and column-major: (N, C, W, H)
     return torch.from_numpy(a.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
-
 
 
 def load_stl10(folder):
@@ -240,7 +234,6 @@ def load_stl10(folder):
         if len(d[f"{split}_x"]) != len(d[f"{split}_y"]):
             raise harness.UsageError(f"{folder}: {split}_X.bin and {split}_y.bin hold different counts")
     return d
-
 
 
 def make_synthetic(n_train=512, n_test=512, size=32, num_classes=10, seed=0):
@@ -266,7 +259,6 @@ def make_synthetic(n_train=512, n_test=512, size=32, num_classes=10, seed=0):
     return dict(pretrain_x=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
-
 def resize_images(data, size):
     """A copy of a load_dataset() dict with every image area-averaged to size x size (uint8)."""
     def resize(x):
@@ -276,13 +268,10 @@ def resize_images(data, size):
     return {k: resize(v) if k.endswith("_x") else v for k, v in data.items()}
 
 
-
 # ======================================================================= augmentations
 # The blog's augmentations (Appendix B = MoCo v2's), done on a whole uint8 batch on the training
 # device, with independent random parameters for every image and every view. They match
 # torchvision's per-image functional ops for the same parameters (see test_common.py).
-
-
 def sample_aug_params(n, size, gen, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
                       p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), p_solarize=0.0):
     """Per-image parameters, drawn like torchvision's RandomResizedCrop/ColorJitter/... do. The
@@ -316,7 +305,6 @@ def sample_aug_params(n, size, gen, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 
         solarize=u(n) < p_solarize if p_solarize > 0 else torch.zeros(n, dtype=torch.bool, device=device))
 
 
-
 def resized_crop_flip(img, box, flip, size):
     """Bilinear crop-and-resize of float images (n, 3, H, W) to size x size, per-image box
     (top, left, h, w) and horizontal flip, as one grid_sample. Sample points are clamped to
@@ -333,16 +321,13 @@ def resized_crop_flip(img, box, flip, size):
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-
 def grayscale(img):
     """ITU-R 601 luma, torchvision's weights; (n, 3, H, W) -> (n, 1, H, W)."""
     return (0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3])
 
 
-
 def _blend(img, other, factor):
     return (factor * img + (1 - factor) * other).clamp(0, 1)
-
 
 
 def adjust_hue(img, shift):
@@ -360,7 +345,6 @@ def adjust_hue(img, shift):
     n = 5.0 - 2.0 * torch.arange(3, device=img.device, dtype=img.dtype)   # 5, 3, 1 for R, G, B
     k = torch.remainder(n[None, :, None, None] + 6 * hue[:, None], 6.0)
     return maxc[:, None] * (1 - sat[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-
 
 
 def color_jitter(img, factors, order, apply):
@@ -386,7 +370,6 @@ def color_jitter(img, factors, order, apply):
     return blends(img, range(1, 4), before=False)
 
 
-
 def gaussian_blur(img, sigma, apply, kernel_size):
     """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision's
     kernel); images with apply=False get a delta kernel, i.e. are unchanged."""
@@ -403,12 +386,10 @@ def gaussian_blur(img, sigma, apply, kernel_size):
     return out.reshape(n, c, H, W)
 
 
-
 def blur_kernel_size(size):
     """Blur sigma is U[0.1, 2] in pixels at STL-10's 96 px (blog); we scale sigma with the image
     size (so 32 px CIFAR gets U[0.033, 0.67]) and cut the kernel at 3 sigma_max."""
     return 2 * math.ceil(3 * 2.0 * size / 96) + 1
-
 
 
 def apply_aug(x_u8, params, mean, std):
@@ -427,18 +408,15 @@ def solarize(img):
     return torch.where(img < 0.5, img, 1.0 - img)
 
 
-
 def normalize(img, mean, std):
     """mean, std: (1, 3, 1, 1) tensors on img's device, made once by mean_std()."""
     return (img - mean) / std
-
 
 
 def mean_std(dataset, device):
     """Per-channel mean and std of a dataset as device tensors (made once: a host-to-device
     copy inside the step would be a sync on CUDA)."""
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset])
-
 
 
 def view_settings(cfg):
@@ -457,12 +435,10 @@ def augment(x_u8, gen, mean, std, part=slice(None), **settings):
     return apply_aug(x_u8[part], {k: v[part] for k, v in params.items()}, mean, std)
 
 
-
 def two_views(x_u8, gen, mean, std, part=slice(None), fmt=torch.contiguous_format, views=({}, {})):
     """Two independent random views v, v' of a uint8 batch (of its part), in the convolutions'
     memory format fmt (conv_format); views: each view's settings (view_settings; default the blog's)."""
     return tuple(augment(x_u8, gen, mean, std, part, **v).contiguous(memory_format=fmt) for v in views)
-
 
 
 # ============================================================================== networks
@@ -477,14 +453,12 @@ class WSConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-
 def norm2d(kind, c, groups=32):
     if kind == "bn":
         return nn.BatchNorm2d(c)
     if kind in ("gn", "gn_ws"):
         return nn.GroupNorm(min(groups, c), c)   # one channel a group when c < groups: InstanceNorm
     return nn.Identity()
-
 
 
 class BasicBlock(nn.Module):
@@ -501,7 +475,6 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
 
 
 class ResNet18(nn.Module):
@@ -537,7 +510,6 @@ class ResNet18(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-
 class WSLinear(nn.Linear):
     """Linear with weight standardization: each output unit's weights to zero mean, unit std."""
 
@@ -545,7 +517,6 @@ class WSLinear(nn.Linear):
         w = self.weight
         w = (w - w.mean(1, keepdim=True)) / (w.std(1, keepdim=True) + 1e-5)
         return F.linear(x, w, self.bias)
-
 
 
 class BatchNormParts(nn.Module):
@@ -579,7 +550,6 @@ class BatchNormParts(nn.Module):
         if self.weight is not None:
             out = out * self.weight + self.bias
         return out.to(x.dtype)
-
 
 
 class RunningBatchNorm1d(nn.BatchNorm1d):
@@ -645,7 +615,6 @@ def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2, 
     return nn.Sequential(*layers)
 
 
-
 def conv_format(device, width):
     """Memory format of the convolutions' inputs and weights. channels_last (NHWC) is faster on
     CUDA (cuDNN) and on CPU too (results/README.md, Speed), but on an
@@ -656,7 +625,6 @@ def conv_format(device, width):
     if device.type == "cuda" or (device.type == "cpu" and width % 8 == 0):
         return torch.channels_last
     return torch.contiguous_format
-
 
 
 class BYOL(nn.Module):
@@ -727,7 +695,6 @@ class BYOL(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
 
 
-
 @torch.no_grad()
 def collapse_stats(z1, z2, t1, t2):
     """Blog's diagnostics: cosine of the online projection z of one view with the target
@@ -754,7 +721,6 @@ def collapse_stats(z1, z2, t1, t2):
     return dict(pos_cos=pos, neg_cos=neg, z_std=z1.std(0).mean(), pos_gap=pos_gap, neg_gap=neg_gap)
 
 
-
 # ====================================================================== EMA / schedules
 
 
@@ -770,13 +736,11 @@ def ema_update_(target, online, tau):
         torch._foreach_copy_(buffers, list(online.buffers()))
 
 
-
 def tau_at(step, total_steps, base_tau, schedule="constant"):
     """BYOL's tau = 1 - (1 - base_tau) (cos(pi k / K) + 1) / 2, k counted in steps."""
     if schedule == "constant" or total_steps == 0:
         return base_tau
     return 1 - (1 - base_tau) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
 
 
 def lr_at(step, steps_per_epoch, cfg):
@@ -787,7 +751,6 @@ def lr_at(step, steps_per_epoch, cfg):
     total = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch
     progress = min((step - warm) / max(total - warm, 1), 1.0)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
 
 
 # ============================================================== LARS / parameter groups
@@ -843,14 +806,12 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_sub_(ps, bufs)
 
 
-
 def lars_applies(name, which):
     if which == "all":
         return True
     if which == "layer12":
         return name.startswith(("online_encoder.layer1.", "online_encoder.layer2."))
     return name.startswith(("online_projector.", "predictor."))   # "mlp"
-
 
 
 def decays(p, cfg):
@@ -861,7 +822,6 @@ def decays(p, cfg):
     if cfg.decay_params == "conv":
         return p.ndim == 4
     return p.ndim > 1 or (cfg.decay_params == "all" and cfg.optimizer != "lars")
-
 
 
 def param_groups(model, cfg, lr_mult=None):
@@ -886,7 +846,6 @@ def param_groups(model, cfg, lr_mult=None):
     return list(groups.values())
 
 
-
 # weights whose effective LARS lr is logged (the blog plots layer1's conv and each MLP layer)
 LARS_LOGGED = {"online_encoder.conv1.weight": "encoder.conv1",
                **{f"online_encoder.layer{i}.0.conv1.weight": f"encoder.layer{i}" for i in range(1, 5)},
@@ -896,13 +855,11 @@ LARS_LOGGED = {"online_encoder.conv1.weight": "encoder.conv1",
 LARS_LR_COLUMNS = [f"lars_lr:{k}" for k in LARS_LOGGED.values()]
 
 
-
 def lars_lrs(opt):
     """Effective LARS lr (the group's lr x trust ratio, at the last step) of the LARS_LOGGED weights."""
     return {f"lars_lr:{LARS_LOGGED[name]}": g["lr"] * opt.state[p]["trust"].item()
             for g in opt.param_groups for name, p in zip(g.get("names", []), g["params"])
             if name in LARS_LOGGED and "trust" in opt.state[p]}
-
 
 
 # ======================================================================= training
@@ -951,7 +908,6 @@ def train_step(model, step_fn, opt, v1, v2, tau, amp):
     return out
 
 
-
 @torch.no_grad()
 def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguous_format, view={}):
     """Fills the queue with target projections of augmented real images before training. With
@@ -965,10 +921,8 @@ def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguo
         model.enqueue_(F.normalize(keys.float(), dim=1))
 
 
-
 # the per-step statistics the loop averages over an epoch (BYOL.forward's outputs)
 STATS = ("loss", "pos_cos", "neg_cos", "z_std", "pos_gap", "neg_gap")
-
 
 
 def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None, metrics_fn=None):
@@ -1090,7 +1044,6 @@ def extract_features(encoder, images_u8, mean, std, device, batch_size=1024, fmt
     return torch.cat(feats)
 
 
-
 def fit_liblinear(x, y, num_classes, C=1.0, tol=1e-4, max_iter=100):
     """The blog's probe: sklearn's LogisticRegression(solver="liblinear") with its defaults, on raw
     features. One-vs-rest: class k minimizes 0.5 |w_k|^2 + C sum_i log(1 + exp(-y_ik w_k . [x_i, 1]))
@@ -1131,7 +1084,6 @@ def fit_liblinear(x, y, num_classes, C=1.0, tol=1e-4, max_iter=100):
     return lambda q: (augment(q) @ W).argmax(1)
 
 
-
 def _conjugate_gradient(hv, b, rtol=0.1, max_iter=250):
     """Solves hv(d) = b for every column of b at once; a column stops at |residual| <= rtol |b|
     (liblinear's rule for its Newton steps)."""
@@ -1150,7 +1102,6 @@ def _conjugate_gradient(hv, b, rtol=0.1, max_iter=250):
         p = r + torch.where(go, rr_new / rr, torch.zeros_like(rr)) * p
         rr = rr_new
     return d
-
 
 
 def fit_logreg(x, y, num_classes, l2, max_iter=100):
@@ -1172,7 +1123,6 @@ def fit_logreg(x, y, num_classes, l2, max_iter=100):
         opt.step(closure)
     w, b = w.detach(), b.detach()
     return lambda q: ((q - mu) / sd @ w + b).argmax(1)
-
 
 
 def linear_probe(encoder, data, cfg, device):
@@ -1198,7 +1148,6 @@ def linear_probe(encoder, data, cfg, device):
     fit_y, val_y, k = fit_y.to(device), val_y.to(device), int(data["test_y"].max()) + 1
     fits = dict(liblinear=fit_liblinear(f_fit, fit_y, k), standardized=fit_logreg(f_fit, fit_y, k, l2=1.0 / len(f_fit)))
     return {name: 100.0 * (predict(f_val) == val_y).float().mean().item() for name, predict in fits.items()}
-
 
 
 @torch.no_grad()

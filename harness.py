@@ -121,8 +121,6 @@ def get_device(name="auto"):
 # order and augmentation parameters for the global batch, of which rank r trains on the r-th
 # slice; DDP averages the gradients; the target EMA and the queue stay identical on every rank;
 # only rank 0 evaluates, prints and writes. Without torchrun all of this is a no-op.
-
-
 def world():
     """(rank, world_size); (0, 1) in a single process."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -142,6 +140,7 @@ def init_distributed(device_name="auto"):
         dist.init_process_group("nccl" if cuda else "gloo")
     return world()
 
+
 def run_device(cfg):
     """The device this process trains on (its own GPU under torchrun), after checking what a run
     split over several processes needs: equal shares of the batch (and of ghost BN groups), no BN
@@ -159,10 +158,12 @@ def run_device(cfg):
         raise UsageError("--sync-bn needs CUDA (nn.SyncBatchNorm); without it each process's BN sees its own share")
     return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
 
+
 def convert_sync_bn(module):
     """Every nn.BatchNorm*d of module to nn.SyncBatchNorm (statistics over all ranks' batches, as
     the blog's one GPU saw); BatchNormParts (exp_bn_anatomy.py) stays per rank."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
 
 def ddp(model, device):
     """model in DistributedDataParallel (one process: model itself). The buffers (BN running stats,
@@ -180,6 +181,7 @@ def rank_slice(batch_size):
     """The slice of the global batch this rank trains on."""
     rank, n_ranks = world()
     return slice(rank * batch_size // n_ranks, (rank + 1) * batch_size // n_ranks)
+
 
 def all_gather_cat(t):
     """Concatenation over ranks in rank order (= the global batch's order); t alone if one."""
@@ -212,7 +214,6 @@ def data_roots(data_dir=""):
     here = Path(__file__).resolve().parent
     roots = [Path(os.environ["BYOL_DATA"])] if os.environ.get("BYOL_DATA") else []
     return roots + [Path("data"), here / "data", here.parent / "shared" / "data"]
-
 
 
 def find_dataset(name, data_dir="", download=False):
@@ -294,6 +295,7 @@ def restore(saved, model, opt, gen, on_epoch=None):
             on_epoch(row)
     return saved["rows"], saved["step"]
 
+
 def _resumable(cfg):
     """The config fields a checkpoint must match (where it runs may change)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir", "compile")}
@@ -308,7 +310,6 @@ SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch
              epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
 
 
-
 def config_help():
     """--help's list of Config fields with their defaults and allowed values (common.CHOICES);
     what each field means is written beside it in common.Config."""
@@ -319,6 +320,7 @@ def config_help():
     out.append("A variant may also name its own pieces (train_byol's hooks): " + ", ".join(
         f"{k}{sig}" for k, sig in HOOK_SIGNATURES.items()))
     return "\n".join(out)
+
 
 def get_parser(doc, presets, variants):
     p = argparse.ArgumentParser(description=doc, epilog=config_help(),
@@ -345,9 +347,7 @@ def get_parser(doc, presets, variants):
     return p
 
 
-
 MAX_SEEDS = 1000
-
 
 
 def parse_seeds(text):
@@ -368,9 +368,7 @@ def parse_seeds(text):
     return seeds
 
 
-
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
 
 
 def parse_overrides(pairs):
@@ -392,7 +390,6 @@ def parse_overrides(pairs):
         except ValueError:
             raise UsageError(f"--set {pair!r}: {value!r} is not a valid {kind}") from None
     return out
-
 
 
 def build_configs(args, presets, variants, extra_variants=None):
@@ -440,7 +437,6 @@ HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
                    "groups_fn": "(model, cfg) -> optimizer parameter groups",
                    "metrics_fn": "(model, views, out) -> {column: value} once an epoch (name its columns in "
                                  "extra_columns)"}
-
 
 
 def hook_name(fn):
@@ -493,8 +489,6 @@ def config_hash(cfg, n_ranks=1, hooks=None):
 # One writer per CSV (a lock file), rows of a run appended together once it ends, every rewrite
 # atomic (temporary file + rename), and a torn tail (a crash mid-append) cut off on disk before
 # anything is appended, so a line can never be glued onto half of another.
-
-
 def read_rows(path, header):
     """Rows of an existing results CSV ([] if missing or empty). A torn last line (no final
     newline, or too few cells) is removed from the file, with a warning."""
