@@ -128,7 +128,7 @@ CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagen
 BLOG_STL10 = dict(dataset="stl10", stem="imagenet", width=64, batch_size=256, lr=0.8, weight_decay=1e-4,
                   base_tau=0.996, queue_size=65536)
 
-CIFAR10_GPU = dict(BLOG_STL10, dataset="cifar10", stem="cifar", queue_size=16384)
+CIFAR10_GPU = dict(BLOG_STL10, dataset="cifar10", stem="cifar", queue_size=16384, eval_every=5)   # probe: 1 in 5
 
 CPU_SMALL = dict(dataset="cifar10", stem="cifar", width=16, train_subset=10000, batch_size=64, lr=0.1,
                  weight_decay=1e-4, base_tau=0.99, queue_size=4096, queue_init="data")
@@ -731,9 +731,13 @@ def ema_update_(target, online, tau):
     never reach a result: the target only runs in training mode, where BN normalizes with the
     batch's own statistics (the blog's code leaves them alone instead)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
-    buffers = list(target.buffers())
-    if buffers:
-        torch._foreach_copy_(buffers, list(online.buffers()))
+    by_dtype = {}   # one fused copy per dtype (BN's int64 counters would push float32 ones off the fast path)
+    for t, o in zip(target.buffers(), online.buffers()):
+        by_dtype.setdefault(t.dtype, ([], []))
+        by_dtype[t.dtype][0].append(t)
+        by_dtype[t.dtype][1].append(o)
+    for ts, os_ in by_dtype.values():
+        torch._foreach_copy_(ts, os_)
 
 
 def tau_at(step, total_steps, base_tau, schedule="constant"):
@@ -945,6 +949,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     harness.check_config(cfg)
     set_seed(cfg.seed)
     device, (rank, n_ranks) = harness.run_device(cfg), harness.world()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN picks its fastest kernels once
     if device.type == "cpu":
         # Weight decay can shrink a collapsed network's weights into denormal floats (< 1.2e-38),
         # where CPU arithmetic runs many times slower (results/denormal_conv.txt).
@@ -982,7 +988,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         rows, step = harness.restore(saved, model, opt, gen, on_epoch)
     elif cfg.objective == "contrastive" and cfg.queue_init == "data":
         fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt, views[1])   # keys: z' of views v'
-    start = time.time() - (rows[-1]["wall_s"] if rows else 0)
+    start = saved_at = time.time() - (rows[-1]["wall_s"] if rows else 0)
     for epoch in range(len(rows), cfg.epochs + 1):
         sums = torch.zeros(len(STATS), device=device)   # the epoch's STATS, read once an epoch
         lr = tau = None
@@ -1016,8 +1022,9 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         row.update({f"lr:{g.get('label', i)}": None if lr is None else lr * g["lr_mult"]
                     for i, g in enumerate(opt.param_groups) if g.get("lr_mult", 1.0) != 1.0})
         rows.append(row)
-        if checkpoint and epoch < cfg.epochs:
+        if checkpoint and epoch < cfg.epochs and (epoch <= 1 or time.time() - saved_at >= harness.CHECKPOINT_EVERY_S):
             harness.save_checkpoint(checkpoint, cfg, model, opt, gen, rows, step)   # rank 0 writes
+            saved_at = time.time()
         if on_epoch:
             on_epoch(row)
         if diverged:

@@ -265,6 +265,10 @@ def save_checkpoint(path, cfg, model, opt, gen, rows, step):
     os.replace(tmp, path)
 
 
+CHECKPOINT_EVERY_S = 120   # the loop saves after epoch 1, then at most this often (a GPU epoch takes
+                           # seconds and the file is ~140 MB; a CPU epoch takes longer: every epoch)
+
+
 def load_checkpoint(path, cfg):
     """The saved state if path holds a checkpoint of this config, else None. A file that cannot
     be read (truncated, garbage) is renamed to <name>.bad, named in a warning, and the run

@@ -780,3 +780,18 @@ def test_bf16_autocast_runs_only_the_encoders_in_bf16():
         harness.check_config(dataclasses.replace(SMALL, precision="fp16"))
 
 
+
+
+def test_checkpoints_after_the_first_epoch_then_at_most_every_interval(monkeypatch, tmp_path):
+    """The loop saves after epochs 0 and 1 (so a crash loses at most one epoch), then only once
+    harness.CHECKPOINT_EVERY_S have passed since the last save (a GPU epoch takes seconds; a CPU
+    epoch usually outlasts the interval, so CPU runs save every epoch)."""
+    saved = []
+    monkeypatch.setattr(harness, "save_checkpoint", lambda path, cfg, model, opt, gen, rows, step: saved.append(rows[-1]["epoch"]))
+    cfg = dataclasses.replace(SMALL, epochs=4, eval_every=0)
+    data = common.make_synthetic(128, 64)
+    for every, expected in ((1e9, [0, 1]), (0, [0, 1, 2, 3])):
+        saved.clear()
+        monkeypatch.setattr(harness, "CHECKPOINT_EVERY_S", every)
+        common.train_byol(cfg, data=data, checkpoint=tmp_path / "c.pt")
+        assert saved == expected
