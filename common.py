@@ -934,9 +934,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, pos_gap, neg_gap,
     lr, tau, wall_s, probe_liblinear, probe_standardized (and lars_lr:*, lr:* where they apply).
     on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load.
-    checkpoint: a file path; the state after every epoch is saved there, and a run that finds a
-    checkpoint of the same config continues from it (rows before it are passed to on_epoch
-    again), giving the same numbers as an uninterrupted run.
+    checkpoint: a file path; the state after epochs 0 and 1, then at most every
+    harness.CHECKPOINT_EVERY_S, is saved there, and a run that finds a checkpoint of the same
+    config continues from it (rows before it are passed to on_epoch again), giving the same
+    numbers as an uninterrupted run.
     Your own pieces, without editing this file: model_fn(cfg) -> a module with BYOL's attributes
     and forward (default BYOL); groups_fn(model, cfg) -> optimizer parameter groups (default
     param_groups; a group may carry lr_mult and label, see param_groups); metrics_fn(model, views,

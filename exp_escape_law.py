@@ -1,20 +1,30 @@
-"""Beyond the blog: the clock behind D1's weight-decay escape.
+"""Beyond the blog: the decay clock of D1's collapsed loss (a clock, not an escape).
 
-Question: in D1 (GroupNorm encoder, no norm in the MLPs, SGD) a collapsed network leaves collapse
-because weight decay shrinks its weights by a factor (1 - lr x wd) every step (the blog: the
-collapsed mode relies on a few large weights; decay shrinks them, the loss rises, learning
-resumes). If that is the whole clock, the escape comes after a number of steps proportional to
-1 / (lr x wd): escape step against lr x wd on log-log axes is a line of slope -1, and runs with the
-same product but different lr escape together. The blog has one point (lr 0.2, wd 1e-5; SPEC.md
-section 3, figure 'weight_decay_train_loss'): the loss is lowest near epoch 60 and rises steeply
-around epochs 90-110 of 410 steps, i.e. lr x wd x steps = 0.049 and ~0.082.
+Question: in D1 (GroupNorm encoder, no norm in the MLPs, SGD) the blog's network leaves collapse
+after weight decay has shrunk its weights for long enough (the blog: the collapsed mode relies on
+a few large weights; decay shrinks them, the loss rises, learning resumes). SGD's decay shrinks
+every weight by lr x wd a step, by lr x wd / (1 - momentum) once momentum has built up, so if
+decay alone sets when the collapsed loss rises, the rise comes after a number of steps
+proportional to (1 - momentum) / (lr x wd): slope -1 against lr x wd on log-log axes, the same
+step for any lr at a fixed product, and twice the steps at momentum 0.8. The blog has one point
+(lr 0.2, wd 1e-5; SPEC.md section 3, figure 'weight_decay_train_loss'): the loss is lowest near
+epoch 60 and rises steeply around epochs 90-110 of 410 steps, i.e. lr x wd x steps = 0.049 and
+~0.082.
+
+What this measures, on the steps preset: the clock of a rise of the loss, which in every run here
+stays a collapsed rise (negative cosine >= 0.999 throughout, probe at or below the untrained
+encoder; results/README.md, 'The decay clock'). It is not an escape of the representation.
 
 Grid: lr x wd in {2e-4, 1e-4, 5e-5, 2.5e-5}, each product once at lr 0.2 and once at lr 0.1, on the
 steps preset (the blog's step schedule). Each run lasts until lr x wd x steps = 0.25, three times
 the blog's escape (rounded up to whole epochs). wd here is 12-80x the blog's 1e-5, so that a run
 takes minutes; the blog's own point is exp_weight_decay.py --preset steps (wd_1e-05, 640 epochs).
 
-Escape, read off the per-epoch training loss (the signal of the blog's D1 figure), from the first
+Controls (CONTROLS, outside the grid and its fit): momentum 0.8 against 0.9 at lr 0.2 / wd 5e-4,
+and lr 0.025 / wd 4e-3 (8x lower lr than lr0.2_wd0.0005 at the same lr x wd). Each runs to 2.5
+e-folds of decay (lr x wd x steps / (1 - momentum)), as the grid does at momentum 0.9.
+
+Rise, read off the per-epoch training loss (the signal of the blog's D1 figure), from the first
 epoch at which the run is collapsed (negative cosine >= 0.999):
   rise   the first epoch whose loss is more than RISE (3) times the lowest loss before it
   turn   the epoch of that lowest loss: where the decay starts to win

@@ -20,10 +20,14 @@ the first conv of each encoder stage and both layers of the projector and predic
 
 Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does not; without BN,
 the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
-longer runs: results/README.md, 'Longer runs on CPU'. The steps preset takes C1 past the blog's
-escape in steps (130 epochs, lr x wd x steps 0.81 against the blog's ~0.44 at epoch 12-15); there
-the collapsed network decays to a constant instead (probe at chance by epoch ~55, 2 seeds):
-results/README.md, 'The appendix's recoveries on the steps preset'.
+longer runs: results/README.md, 'Longer runs on CPU'. On the steps preset (130 epochs, lr x wd x
+steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
+  bn_sgd_no_mlp_bn           lr 0.8: collapses 20-100x deeper than at lr 0.2, and decay on every
+                             parameter takes it to a constant (probe at chance by epoch ~55, 2 seeds)
+  bn_sgd_no_mlp_bn_conv_wd   lr 0.2, decay on the conv weights only: collapses (neg. cos 0.9998),
+                             stays at the blog's depth (loss 2.4e-4), then recovers in both seeds:
+                             probe 25.1 -> 31.9 and 25.8 -> 32.6 (untrained -> last), neg. cos 0.95
+results/README.md, 'The appendix's recoveries at a shallow collapse'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
