@@ -36,6 +36,8 @@ VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-
 # blog's SGD, 4x its decay per step (lr x wd 8e-6 against 2e-6) so that the blog's escape clock
 # (0.082) comes within 10,300 steps: results/README.md, 'Recoveries'
 VARIANTS["wd_lr0.05"] = dict(NO_BN, lr=0.05, weight_decay=1.6e-4, gn_groups=4)
+# the same with decay on the encoder's conv weights only (scale-invariant under GN), as C1's recovery
+VARIANTS["wd_lr0.05_conv"] = dict(VARIANTS["wd_lr0.05"], decay_params="conv")
 
 BLOG = {"wd_1e-05": "escapes ~epoch 100; 56% at 320", "wd_0.0001": "occasional recovery",
         "wd_0": "no recovery", "wd_0.001": "no recovery"}
