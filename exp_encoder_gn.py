@@ -18,8 +18,10 @@ preset (results/README.md, 'The appendix's recoveries on the steps preset') LARS
 collapses and learns while lr 0.1 lags (60 epochs); GN + WS decays to chance instead of separating.
 
 Choices where the blog is silent (SPEC.md section 7): GroupNorm with 32 groups (one per channel
-below 32 channels) and no weight standardization except in ws_sgd_no_mlp_bn; SGD runs use the
-Table 1 SGD settings (lr 0.8, wd 1e-4 on all params); LARS runs use the BYOL paper's settings
+below 32 channels, so at the steps preset's width 8 layers 1-3 are InstanceNorm; lars_lr0.05,
+lars_lr0.025 and ws_sgd_lr0.2 use 4 groups, the blog's 2-16 channels a group) and no weight
+standardization except in the ws_* variants; SGD runs use the
+Table 1 SGD settings (lr 0.8, wd 1e-4 on all params; ws_sgd_lr0.2: lr 0.2, wd 4e-4); LARS runs use the BYOL paper's settings
 (common.LARS_BYOL: trust 1e-3, wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's
 LARS form (its lars.py: trust = eta |w| / (|g| + wd |w|), lr inside the momentum; --set
 lars_form=byol gives DeepMind's), no warmup (the blog's LARS code had none in effect) and the lr

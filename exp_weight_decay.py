@@ -14,12 +14,16 @@ presets (blog, cifar10: 320 epochs) can show the escape around epoch 100 and its
 the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). What the cpu
 preset shows when run longer: results/README.md, 'Longer runs on CPU'. The steps preset runs wd 1e-5
 to 49,920 steps (85-93 minutes a seed, one thread beside another run); both seeds stay collapsed.
-exp_escape_law.py measures the clock: on the steps preset the loss rises at
-lr x wd x steps 0.18-0.23 whatever lr and wd, and at wd 1e-5 the blog's cosine caps this preset's
-clock at 0.131, so its escape cannot show there (results/README.md).
+exp_escape_law.py measures the decay clock of that collapsed loss: on the steps preset it rises at
+lr x wd x steps 0.18-0.23 whatever lr and wd, with the cosines still collapsed (a clock, not an
+escape), and at wd 1e-5 the blog's cosine caps this preset's clock at 0.131. At lr 0.2 this
+network collapses ~50x deeper than the blog's (loss 5e-6 against 1e-4: exp_collapse_depth.py);
+wd_lr0.05 and wd_lr0.05_conv run D1 at a quarter of the lr, where the collapse sits at the blog's
+1e-4 (results/README.md, 'The appendix's recoveries at a shallow collapse').
 
-Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, no weight
-standardization) and no norm in the MLPs; weight decay on every parameter (as the blog's SGD);
+Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, one channel
+each below 32 channels; the *_gn4 / wd_lr0.05* variants: 4 groups at width 8, the blog's 2-16
+channels a group; no weight standardization) and no norm in the MLPs; weight decay on every parameter (as the blog's SGD);
 tau 0.996 constant; lr 0.2 in every preset (absolute, not scaled by batch size).
 """
 import common
