@@ -54,7 +54,8 @@ def measure(cfg, device, fmt, steps):
     opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     amp = common.use_bf16(cfg, device)
     net = torch.compile(model) if cfg.compile else model
-    fixed = common.two_views(x_all[:B], gen, mean, std, fmt=fmt)
+    views = common.view_settings(cfg)
+    fixed = common.two_views(x_all[:B], gen, mean, std, fmt=fmt, views=views)
 
     def bound():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -63,13 +64,13 @@ def measure(cfg, device, fmt, steps):
 
     def step():   # the loop body of common.train_byol
         x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
-        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std, fmt=fmt), cfg.base_tau, amp)
+        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std, fmt=fmt, views=views), cfg.base_tau, amp)
 
     # bound timed before and after the step, best of the two: a conservative ratio
     t_bound = timed(bound, steps, device)
     t_step = timed(step, steps, device)
     t_bound = min(t_bound, timed(bound, steps, device))
-    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std, fmt=fmt), steps, device)
+    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std, fmt=fmt, views=views), steps, device)
     return t_step, t_bound, t_aug
 
 

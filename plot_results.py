@@ -170,15 +170,21 @@ def read_results(csv_path):
     return rows
 
 
-def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_cos", "z_std")):
-    """A markdown table of each variant's last epoch, mean ± std over seeds (what the README's
-    result tables are pasted from)."""
-    rows = read_results(csv_path)
+def last_rows(rows):
+    """{(variant, seed): the run's last row}."""
     last = {}
     for r in rows:
         key = (r["variant"], r["seed"])
         if key not in last or int(r["epoch"]) > int(last[key]["epoch"]):
             last[key] = r
+    return last
+
+
+def table(csv_path, columns=("probe_acc", "probe_standardized", "pos_cos", "neg_cos", "z_std")):
+    """A markdown table of each variant's last epoch, mean ± std over seeds (what the README's
+    result tables are pasted from)."""
+    rows = read_results(csv_path)
+    last = last_rows(rows)
     cols = [c for c in columns if c in rows[0]]
     out = [f"| variant | epoch | seeds | {' | '.join(cols)} |", "|---" * (len(cols) + 3) + "|"]
     for v in dict.fromkeys(r["variant"] for r in rows):
@@ -250,12 +256,7 @@ DEPTH = ("loss", "pos_gap", "neg_gap", "z_std", "probe_acc", "probe_standardized
 def depth_figure(csv_path):
     """<csv>_depth.png: each variant's last-epoch loss and neg_gap (log scale, one dot a seed),
     beside the blog's floors (D1's loss ~1e-4, D2's ~1e-3)."""
-    rows = read_results(csv_path)
-    last = {}
-    for r in rows:
-        key = (r["variant"], r["seed"])
-        if key not in last or int(r["epoch"]) > int(last[key]["epoch"]):
-            last[key] = r
+    last = last_rows(read_results(csv_path))
     names = list(dict.fromkeys(v for v, _ in last))
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
     for ax, col in zip(axes, ("loss", "neg_gap")):
