@@ -42,6 +42,9 @@ VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-
 VARIANTS["wd_lr0.05"] = dict(NO_BN, lr=0.05, weight_decay=1.6e-4, gn_groups=4)
 # the same with decay on the encoder's conv weights only (scale-invariant under GN), as C1's recovery
 VARIANTS["wd_lr0.05_conv"] = dict(VARIANTS["wd_lr0.05"], decay_params="conv")
+# ... and at 10x that decay (lr x wd 8e-5, C1's recovery's decay per step), so that the conv
+# weights shrink as far as C1's did before it recovered (2.8 e-folds by epoch ~45) within 80 epochs
+VARIANTS["wd_lr0.05_conv_x10"] = dict(VARIANTS["wd_lr0.05_conv"], weight_decay=1.6e-3)
 
 BLOG = {"wd_1e-05": "escapes ~epoch 100; 56% at 320", "wd_0.0001": "occasional recovery",
         "wd_0": "no recovery", "wd_0.001": "no recovery"}
