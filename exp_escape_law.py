@@ -152,7 +152,7 @@ def analyze(csv_path):
 def fit(rows, key):
     """(slope, standard error, n) of log10(step) on log10(lr x wd) over runs that escaped."""
     pts = [(math.log10(r["lr_wd"]), math.log10(r[f"{key}_step"])) for r in rows
-           if r[f"{key}_step"] and r["variant"] in VARIANTS]   # the grid: controls are not in the fit
+           if r[f"{key}_step"] and r.get("variant") not in CONTROLS]   # the grid: not the controls
     if len({x for x, _ in pts}) < 2:
         return None, None, len(pts)
     x, y = np.array(pts).T
@@ -196,7 +196,7 @@ def figure(rows, slopes, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4.3))
-    rows = [r for r in rows if r["variant"] in VARIANTS]   # the grid (the controls are in the table)
+    rows = [r for r in rows if r.get("variant") not in CONTROLS]   # the grid (the controls are in the table)
     for key, marker in (("turn", "o"), ("rise", "s")):
         for i, lr in enumerate(sorted({r["lr"] for r in rows})):
             pts = [(r["lr_wd"], r[f"{key}_step"]) for r in rows if r["lr"] == lr and r[f"{key}_step"]]

@@ -224,7 +224,9 @@ def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monk
     assert r.returncode == 0
     for field in dataclasses.fields(common.Config):
         assert f"  {field.name} = " in r.stdout, field.name
-    assert "lars_form = \"blog\" [blog|byol]" in r.stdout
+    assert "lars_form = 'blog' [blog|byol]" in r.stdout and "aug_blur = (0.5, 0.5)" in r.stdout
+    assert "proj_norm = 'bn' [none|bn|ln|" in r.stdout   # the norms' table, added names included
+    assert all(f"{hook}(" in r.stdout for hook in harness.HOOKS)   # the hooks a variant may name
     # --set over a variant's own value: a warning, and the header prints the value used
     seen = []
     monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
