@@ -210,14 +210,16 @@ def recovery(csv_path, steps_per_epoch):
     in e-folds of the decayed weights, lr x wd x steps / (1 - momentum); the epoch it collapsed
     (negative cosine >= 0.999); its lowest negative cosine after that and the first epoch back at
     <= 0.9; and both probes (blog / standardized): untrained, best after collapse, last.
-    'recovered' = the blog probe after collapse >= RISE points above the untrained encoder, with
-    the first epoch it got there."""
+    'probe recovered' = the blog probe after collapse >= RISE points above the untrained encoder,
+    with the first epoch it got there; where the blog shows the cosines (D1-D3) a recovery also needs
+    the negative cosine back at <= 0.9 (its own column)."""
     rows = read_results(csv_path)
     runs = defaultdict(list)
     for r in rows:
         runs[(r["variant"], r["seed"])].append(r)
     out = ["| variant | seed | steps | lr x wd x steps | e-folds | collapsed at | lowest neg. cos after | "
-           "neg. cos <= 0.9 at | blog probe: untrained / best after / last | std. probe: same | recovered |",
+           "neg. cos <= 0.9 at | blog probe: untrained / best after / last | std. probe: same | "
+           "probe recovered (>= untrained + 5 after collapse) |",
            "|---" * 11 + "|"]
     for (v, seed), rs in runs.items():
         rs.sort(key=lambda r: int(r["epoch"]))
