@@ -47,7 +47,8 @@ class Config:
     gn_groups: int = 32              # encoder GroupNorm: min(gn_groups, channels) groups. The blog's
                                      # 32 at width 64 is 2-16 channels a group; width w needs w / 2
     # projector g and predictor q: Linear -> norm -> ReLU -> Linear
-    proj_norm: str = "bn"            # bn_noaffine, bn_center, bn_scale: BN's parts (BatchNormParts)
+    proj_norm: str = "bn"            # a name in MLP_NORMS: none, bn, ln, gn, gn_ws, bn_running (BN with
+                                     # running stats in training), bn_noaffine/center/scale: BN's parts
     pred_norm: str = "bn"            # the same choices, for the predictor
     mlp_bn_group: int = 0            # BN-type MLP norms: statistics over groups of k samples of
                                      # the batch (ghost BN); 0 = the whole batch
