@@ -477,7 +477,8 @@ def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
     ("exp_table1_norms", "cpu", "no_norm", "results/table1_cpu.csv"),
     ("exp_lars", "steps", "bn_sgd_no_mlp_bn", "results/steps/lars_steps.csv"),
     ("exp_weight_decay", "steps", "wd_1e-05", "results/steps/d1/weight_decay_steps.csv"),
-    ("exp_lars", "steps", "bn_sgd_no_mlp_bn_conv_wd", "results/steps/c1/lars_steps.csv")])
+    ("exp_lars", "steps", "bn_sgd_no_mlp_bn_conv_wd", "results/steps/c1/lars_steps.csv"),
+    ("exp_collapse_depth", "steps", "d1_lrB_b64", "results/steps/depth/collapse_depth_steps.csv")])
 def test_committed_results_hash_as_a_rerun_of_their_command(script, preset, variant, path):
     """A rerun of the command that made a committed CSV computes the cfg_hash in it, so it would
     reuse those rows: the fields added since (harness.LATER_FIELDS) leave the hash alone at their
