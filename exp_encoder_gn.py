@@ -52,7 +52,11 @@ VARIANTS = {
 GN4 = dict(NO_MLP_BN, gn_groups=4)
 VARIANTS.update({"lars_lr0.025": dict(GN4, **common.LARS_BYOL, lr=0.025),
                  "lars_lr0.05": dict(GN4, **common.LARS_BYOL, lr=0.05),
-                 "ws_sgd_lr0.2": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4)})
+                 "ws_sgd_lr0.2": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4),
+                 # WS convs are scale-invariant by construction: decay on them alone, as the C1 and
+                 # D1 runs that left collapse (exp_lars.py bn_sgd_no_mlp_bn_conv_wd, lr x wd = 8e-5)
+                 "ws_sgd_lr0.2_conv": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4,
+                                           decay_params="conv")})
 
 BLOG = {"sgd_no_mlp_bn": "33.7 -> 17.7 (ep 10 -> 319)", "lars_lr0.1": "9.6 -> 9.5",
         "lars_lr0.2": "41.6 -> 70.6", "sgd_mlp_bn": "53.7 -> 75.1", "ws_sgd_no_mlp_bn": "final 51"}
