@@ -345,7 +345,7 @@ def get_parser(doc, presets, variants):
     p.add_argument("--fresh", action="store_true", help="retrain runs whose identical settings are already "
                    "finished in the CSV (their old rows are replaced)")
     p.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks and the augmentation")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
     return p

@@ -388,6 +388,34 @@ def test_augmentation_is_drawn_per_image_and_per_view():
     assert (v1 - v2).flatten(1).norm(dim=1).min() > 1e-3
 
 
+def test_two_views_in_one_pass_are_two_augment_calls():
+    """two_views applies both views in one pass over a double batch: the same random draws in the
+    same order, and bitwise the same images, as two augment() calls on a rank's part of the batch."""
+    x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = common.mean_std("synthetic", "cpu")
+    views = common.view_settings(dataclasses.replace(SMALL, **common.BYOL_AUG))
+    part = slice(16, 40)
+    gen = torch.Generator().manual_seed(0)
+    ref = [common.augment(x, gen, mean, std, part, **v) for v in views]
+    ref_next = torch.rand(1, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    ours = common.two_views(x, gen, mean, std, part, views=views)
+    assert [o.shape for o in ours] == [(24, 3, 32, 32)] * 2
+    assert all(torch.equal(o, r) for o, r in zip(ours, ref)) and not torch.equal(*ours)
+    assert torch.equal(torch.rand(1, generator=gen), ref_next)     # the stream goes on as before
+
+
+def test_the_augmentation_compiles_as_one_graph():
+    """--compile compiles apply_aug: dynamo must trace it whole (fullgraph raises at a graph break,
+    e.g. a .item() or a branch on a tensor's value, which would be a host sync on CUDA). The eager
+    backend checks the trace without the minute of C++ codegen inductor takes on a CPU."""
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = common.mean_std("synthetic", "cpu")
+    params = _params(8)
+    traced = torch.compile(common.apply_aug, backend="eager", fullgraph=True, dynamic=False)
+    assert torch.equal(traced(x, params, mean, std), common.apply_aug(x, params, mean, std))
+
+
 def test_augmentation_parameter_statistics():
     p = _params(20000)
     top, left, h, w = p["box"].unbind(1)

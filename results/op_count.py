@@ -1,10 +1,15 @@
 """Counts the aten ops one training step launches (on the CPU; each is a kernel launch on CUDA),
 by part: the two views' augmentation, the networks' forward and backward, the optimizer step and
-the EMA. python results/op_count.py [preset] (default: cifar10, the GPU preset, synthetic data)."""
+the EMA. The augmentation is counted three ways: as two augment() calls (the code before
+two_views made one pass), as two_views' one pass, and compiled (--compile; the kernels inductor
+generates for the CPU, plus the ops it leaves to aten; its CUDA count may differ).
+python results/op_count.py [preset] (default: cifar10, the GPU preset, synthetic data; the
+compile takes about a minute). Its output is committed as results/op_count.txt."""
 import sys
 from collections import Counter
 
 import torch
+from torch._inductor import metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
@@ -35,8 +40,11 @@ def main(preset="cifar10"):
     common.train_step(model, model, opt, *common.two_views(x, gen, mean, std, views=views), 0.99, False)  # warm
     parts = {}
     with Count() as c:
+        [common.augment(x, gen, mean, std, **s) for s in views]
+    before = sum(c.n.values())
+    with Count() as c:
         v = common.two_views(x, gen, mean, std, views=views)
-    parts["augment (two views)"] = sum(c.n.values())
+    parts["augment (two views, one pass)"] = sum(c.n.values())
     with Count() as c:
         out = model(*v)
         opt.zero_grad(set_to_none=True)
@@ -50,8 +58,22 @@ def main(preset="cifar10"):
         common.ema_update_(model.target_projector, model.online_projector, 0.99)
     parts["EMA"] = sum(c.n.values())
     for k, n in parts.items():
-        print(f"{k:32s}{n:6d}")
-    print(f"{'total':32s}{sum(parts.values()):6d}")
+        print(f"{k:36s}{n:6d}")
+    print(f"{'total':36s}{sum(parts.values()):6d}")
+    print(f"{'augment as two augment() calls':36s}{before:6d}")
+    compiled = torch.compile(common.apply_aug, dynamic=False, fullgraph=True)
+    common.two_views(x, gen, mean, std, views=views, apply=compiled)   # compile
+    metrics.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(common.apply_aug, dynamic=False, fullgraph=True)
+    common.two_views(x, gen, mean, std, views=views, apply=compiled)   # again, from the cache: counts its kernels
+    with Count() as c:
+        common.sample_aug_params(len(x), 32, gen, device, **views[0])
+        common.sample_aug_params(len(x), 32, gen, device, **views[1])
+    draws = sum(c.n.values())
+    print(f"{'augment compiled: draws (eager)':36s}{draws:6d}")
+    print(f"{'  + generated kernels':36s}{metrics.generated_kernel_count:6d}")
+    print("  + the blur's 2 grouped convolutions, which inductor leaves to aten (TORCH_LOGS=output_code)")
 
 
 if __name__ == "__main__":
