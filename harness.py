@@ -585,6 +585,31 @@ def is_final(row, epochs):
 # ========================================================================== the grid
 
 
+def finished_runs(args, name, header, wanted, configs):
+    """Opens (and locks) <out>/name and reads which requested runs already finished there with the
+    same cfg_hash: (path, lock, done, other). Rows of a requested run that never finished (a crash
+    while appending) are dropped, so that its new rows are not duplicates. other: runs of a
+    requested (variant, seed) under other settings."""
+    path, lock = open_out(args.out, name)
+    try:
+        old = read_rows(path, header)
+    except BaseException:
+        lock.close()
+        raise
+    mine, other = {}, set()   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
+    for r in old:
+        key = (r["variant"], int(r["seed"]), r["cfg_hash"])
+        if wanted.get(key[:2]) == key[2]:
+            mine.setdefault(key, []).append(r)
+        elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
+            other.add(key)
+    finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
+    drop = mine.keys() - finished
+    if drop:
+        rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
+    return path, lock, set() if args.fresh else {key[:2] for key in finished}, other
+
+
 def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
     """Runs seeds x variants, appending one CSV row per epoch to <out>/<exp>_<preset>.csv (a
     run's rows land together when it ends). A run whose identical settings (cfg_hash) already
@@ -604,27 +629,20 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
     done, other = set(), set()   # other: runs of a requested (variant, seed) under other settings
     try:
+        setup_error = None
         if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
-            path, lock = open_out(args.out, f"{exp}_{preset}.csv")
-            old = read_rows(path, header)
-            mine = {}   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
-            for r in old:
-                key = (r["variant"], int(r["seed"]), r["cfg_hash"])
-                if wanted.get(key[:2]) == key[2]:
-                    mine.setdefault(key, []).append(r)
-                elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
-                    other.add(key)
-            finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
-            # rows of a requested run that never finished (a crash while appending) are dropped, so
-            # that its new rows are not duplicates
-            drop = mine.keys() - finished
-            done = set() if args.fresh else {key[:2] for key in finished}
-            if drop:
-                rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
+            try:
+                path, lock, done, other = finished_runs(args, f"{exp}_{preset}.csv", header, wanted, configs)
+            except UsageError as e:
+                if n_ranks == 1:
+                    raise
+                setup_error = str(e)   # sent to every rank, so that they all stop now with it
         if n_ranks > 1:
-            shared = [done]
+            shared = [done, setup_error]
             dist.broadcast_object_list(shared)
-            done = shared[0]
+            done, setup_error = shared
+            if setup_error:
+                raise UsageError(setup_error)
             print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
                   + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
         print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
@@ -721,6 +739,12 @@ def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variant
         if world()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if world()[0] > 0:   # most often a peer died first, with its own message: one line here, not a traceback
+            print(f"rank {world()[0]} stopped: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
+                  file=sys.stderr)
+            sys.exit(1)
+        raise
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume (finished runs are in the CSV, the "
               "current one continues from its last epoch)",

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,20 @@ def test_two_processes_match_one_process(tmp_path):
     assert abs(loss["two_bn"] - loss["one_bn"]) > 3e-4 * loss["one_bn"]
     r = _run([*TORCHRUN, *args, "--sync-bn", "--out", str(tmp_path / "sync")], tmp_path)
     assert r.returncode != 0 and "error: --sync-bn needs CUDA" in r.stderr
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 alone reads the CSV; a foreign one at --out is its error. It is sent to every rank,
+    so all stop at once with exit 2 and rank 0's one line, and no rank dies waiting on a peer with
+    a traceback of its own (torchrun still prints its summary of the failed children)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "table1_smoke.csv").write_text("a,b\n")
+    t = time.time()
+    r = _run([*TORCHRUN, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--device", "cpu",
+              "--out", str(tmp_path / "out")], tmp_path)
+    assert r.returncode != 0 and time.time() - t < 60
+    assert r.stderr.count("error: ") == 1 and "exists with other columns" in r.stderr
+    assert "[rank1]: Traceback" not in r.stderr and "[rank0]: Traceback" not in r.stderr
 
 
 def test_ddp_falls_back_to_broadcast_buffers_on_older_torch(monkeypatch):
