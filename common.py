@@ -595,6 +595,7 @@ MLP_NORMS = {
     **{name: (lambda dim, bn_group, kw=kw: BatchNormParts(dim, bn_group, **kw)) for name, kw in _PARTS.items()},
 }
 BUILTIN_NORMS = frozenset(MLP_NORMS)
+UNGROUPED_NORMS = frozenset({"none", "ln", "gn", "gn_ws", "bn_running"})   # built-ins that ignore mlp_bn_group
 CHOICES.update(proj_norm=MLP_NORMS, pred_norm=MLP_NORMS, proj_out_norm=MLP_NORMS)   # the dict itself:
                                                                                  # added names count
 

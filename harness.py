@@ -78,6 +78,10 @@ def check_config(cfg):
     if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
         raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
                          f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
+    norms = (cfg.proj_norm, cfg.pred_norm, cfg.proj_out_norm)
+    if cfg.mlp_bn_group and all(n in common.UNGROUPED_NORMS for n in norms):   # it would change nothing
+        raise UsageError(f"mlp_bn_group={cfg.mlp_bn_group} needs a BN-type MLP norm with batch statistics; "
+                         f"these take no groups: {', '.join(sorted(set(norms)))}")
     if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
         raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
     # the encoder's GroupNorm uses min(gn_groups, channels) groups, which must divide the channels

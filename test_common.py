@@ -767,6 +767,10 @@ def test_bad_config_values_raise():
             harness.check_config(dataclasses.replace(SMALL, **bad))
     with pytest.raises(harness.UsageError, match="batch_size"):
         common.train_byol(dataclasses.replace(SMALL, batch_size=5000), data=common.make_synthetic(64, 64))
+    # ghost groups where no MLP norm takes them would be a silent no-op
+    with pytest.raises(harness.UsageError, match="bn_running, none"):
+        harness.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="none"))
+    harness.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="bn"))
 
 
 
