@@ -14,8 +14,13 @@ Finding (blog appendix, Figure 'accuracy_resnet_group_norm'; ResNet-18 with Grou
 Expect at any scale: without MLP BN, SGD collapses (positive and negative cosine ~1) while
 the BN-MLP control does not. The recoveries (LARS lr 0.2 over tens of epochs, WS around epoch
 100) need the long blog/cifar10 presets; the cpu preset shows the first epochs only. On the steps
-preset (results/README.md, 'The appendix's recoveries on the steps preset') LARS lr 0.2 never
-collapses and learns while lr 0.1 lags (60 epochs); GN + WS decays to chance instead of separating.
+preset (results/README.md, 'The appendix's recoveries at a shallow collapse'; 2 seeds each):
+  lars_lr0.05 / lars_lr0.025  (the blog's 0.2 / 0.1 at a quarter, 60 epochs) the larger lr never
+                              collapses and learns (probe +7.7 / +6.7); the smaller lags, and one
+                              seed collapses and recovers: the blog's lr 0.1 stays collapsed
+  ws_sgd_lr0.2_conv           (D2, 130 epochs) collapses (neg. cos 0.9997), then separates: neg.
+                              cos <= 0.9 from epoch 113 / 83, probe 14.1 -> 30.5, 15.3 -> 31.6
+  ws_sgd_lr0.2, ws_sgd_no_mlp_bn  decay on every parameter: collapse deepens, probe to chance
 
 Choices where the blog is silent (SPEC.md section 7): GroupNorm with 32 groups (one per channel
 below 32 channels, so at the steps preset's width 8 layers 1-3 are InstanceNorm; lars_lr0.05,

@@ -61,6 +61,13 @@ VARIANTS = {
     "gn_lars_lr0.5": dict(GN_LARS, lr=0.5),
     "gn_lars_lr0.1": dict(GN_LARS, lr=0.1),
 }
+# D3 at a quarter of the lr (the blog's lr per image at batch 64, as the C2 and D2 runs) with the
+# blog's channels per group (4 groups at width 8); the quarter of lr 0.1 is exp_encoder_gn.py's
+# lars_lr0.025 (the same config)
+GN4_LARS = dict(GN_LARS, gn_groups=4, lr=0.05)
+VARIANTS.update({"gn4_lars_layer12": dict(GN4_LARS, lars_params="layer12"),
+                 "gn4_lars_mlp": dict(GN4_LARS, lars_params="mlp"),
+                 "gn4_lars_lr0.125": dict(GN4_LARS, lr=0.125)})
 
 
 BLOG = {"bn_sgd_no_mlp_bn": "30.1 (ep 10) -> 72.1 (ep 319)", "bn_lars_no_mlp_bn": "47.6 -> 76.7",
