@@ -1012,7 +1012,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
             with fp32_math(not amp):
                 for i in range(steps_per_epoch):
                     x = pretrain[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                    lr, tau = lr_at(step, steps_per_epoch, cfg), tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
+                    lr = lr_at(step, steps_per_epoch, cfg)
+                    tau = tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_mult", 1.0)
                     v = two_views(x, gen, mean, std, part, fmt, views, aug_fn)

@@ -47,9 +47,9 @@ def check_config(cfg):
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     for key in common.AUG_FIELDS:   # a pair (view v, view v')
-        v = getattr(cfg, key)
-        if len(v) != 2 or not all(math.isfinite(x) and 0 <= x <= (2 if key == "aug_jitter" else 1) for x in v):
-            raise UsageError(f"{key} must be one value or two (v, v'), each in [0, {2 if key == 'aug_jitter' else 1}], got {v}")
+        v, hi = getattr(cfg, key), (2 if key == "aug_jitter" else 1)
+        if len(v) != 2 or not all(math.isfinite(x) and 0 <= x <= hi for x in v):
+            raise UsageError(f"{key} must be one value or two (v, v'), each in [0, {hi}], got {v}")
     if min(cfg.aug_crop_scale) <= 0:
         raise UsageError(f"aug_crop_scale must be > 0, got {cfg.aug_crop_scale}")
     for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
@@ -155,7 +155,8 @@ def run_device(cfg):
     if cfg.batch_size % n_ranks:
         raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the {n_ranks} processes")
     if cfg.mlp_bn_group and (cfg.batch_size // n_ranks) % cfg.mlp_bn_group:
-        raise UsageError(f"mlp_bn_group {cfg.mlp_bn_group} must divide the per-process batch {cfg.batch_size // n_ranks}")
+        raise UsageError(f"mlp_bn_group {cfg.mlp_bn_group} must divide the per-process batch "
+                         f"{cfg.batch_size // n_ranks}")
     if cfg.sync_bn and cfg.probe_bn == "recompute":
         raise UsageError("probe_bn=recompute cannot run with --sync-bn over several processes")
     if cfg.sync_bn and device.type != "cuda":
@@ -647,7 +648,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
             done, setup_error = shared
             if setup_error:
                 raise UsageError(setup_error)
-            print(f"{n_ranks} processes, batch {configs[next(iter(configs))].batch_size // n_ranks} each, BN statistics "
+            share = configs[next(iter(configs))].batch_size // n_ranks
+            print(f"{n_ranks} processes, batch {share} each, BN statistics "
                   + ("over the global batch (--sync-bn)" if args.sync_bn else "per process (no --sync-bn)"))
         print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
         if done:
@@ -673,7 +675,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                 buffer = []
 
                 def log(row, name=name, seed=seed, cfg=cfg):
-                    print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}  probe {cell(row['probe_acc']) or '-':>7}"
+                    print(f"  epoch {row['epoch']:3d}  loss {cell(row['loss']) or '-':>9}"
+                          f"  probe {cell(row['probe_acc']) or '-':>7}"
                           f"  pos_cos {cell(row['pos_cos']) or '-':>9}  neg_cos {cell(row['neg_cos']) or '-':>9}"
                           f"  z_std {cell(row['z_std']) or '-':>9}  neg_gap {cell(row['neg_gap']) or '-':>9}"
                           + "".join(f"  {k} {cell(row.get(k)) or '-':>9}" for k in metric_columns)
