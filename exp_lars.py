@@ -27,6 +27,12 @@ steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
   bn_sgd_no_mlp_bn_conv_wd   lr 0.2, decay on the conv weights only: collapses (neg. cos 0.9998),
                              stays at the blog's depth (loss 2.4e-4), then recovers in both seeds:
                              probe 25.1 -> 31.9 and 25.8 -> 32.6 (untrained -> last), neg. cos 0.95
+  gn4_lars_layer12           (D3, lr 0.05, 60 epochs) collapses; layer1's LARS lr climbs to 24-29
+                             (the blog's ~79 at 4x the lr), then the loss rises and the probe ends
+                             +5.1 / +6.4 over the untrained encoder; neg. cos 0.9999 / 0.968 (the
+                             blog's: ~0.40 by epoch 20); at 130 epochs +6.0 / +9.2, neg. cos 0.98
+  gn4_lars_mlp               collapses and stays (probe +0.6 / +1.7)
+  gn4_lars_lr0.125           never collapses (neg. cos peaks 0.987 / 0.969), learns (+10.3 / +7.1)
 results/README.md, 'The appendix's recoveries at a shallow collapse'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
