@@ -989,7 +989,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     amp = use_bf16(cfg, device)
     step_fn = harness.ddp(model, device)   # model itself in one process
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
-    # the augmentation is ~430 small elementwise ops a step: compiled, a few fused kernels
+    # applying the augmentation is ~370 small ops a step (results/op_count.txt): compiled, 28 kernels
     aug_fn = torch.compile(apply_aug, dynamic=False) if cfg.compile else apply_aug
     part = harness.rank_slice(cfg.batch_size)   # this process's share of every batch
     views = view_settings(cfg)
