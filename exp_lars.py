@@ -27,6 +27,8 @@ steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
   bn_sgd_no_mlp_bn_conv_wd   lr 0.2, decay on the conv weights only: collapses (neg. cos 0.9998),
                              stays at the blog's depth (loss 2.4e-4), then recovers in both seeds:
                              probe 25.1 -> 31.9 and 25.8 -> 32.6 (untrained -> last), neg. cos 0.95
+  bn_sgd_no_mlp_bn_wd_weights  the same with the MLPs' weights decaying too: collapses for good
+                             (neg. cos 0.99999, probe 23.6 / 20.5 at 130)
   gn4_lars_layer12           (D3, lr 0.05, 60 epochs) collapses; layer1's LARS lr climbs to 24-29
                              (the blog's ~79 at 4x the lr), then the loss rises and the probe ends
                              +5.1 / +6.4 over the untrained encoder; neg. cos 0.9999 / 0.968 (the
