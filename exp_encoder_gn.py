@@ -20,9 +20,9 @@ preset (results/README.md, 'The appendix's recoveries at a shallow collapse'; 2 
                               seed collapses and recovers: the blog's lr 0.1 stays collapsed
   ws_sgd_lr0.2_conv           (D2, 130 epochs) collapses (neg. cos 0.9997), then separates: neg.
                               cos <= 0.9 from epoch 113 / 83, probe 14.1 -> 30.5, 15.3 -> 31.6
-  ws_sgd_lr0.2, ws_sgd_no_mlp_bn  decay on every parameter: the collapse deepens to fp32's floor
-                              and the blog's probe falls to chance (ws_sgd_lr0.2's standardized
-                              probe still reads 25.5 / 25.4 at epoch 130)
+  ws_sgd_lr0.2, ws_sgd_no_mlp_bn  decay on every parameter: the collapse deepens (ws_sgd_lr0.2:
+                              z_std 5e-9 at epoch 130) and the blog's probe falls to chance
+                              (ws_sgd_lr0.2's standardized probe still reads 25.5 / 25.4)
 
 Choices where the blog is silent (SPEC.md section 7): GroupNorm with 32 groups (one per channel
 below 32 channels, so at the steps preset's width 8 layers 1-3 are InstanceNorm; lars_lr0.05,

@@ -596,22 +596,22 @@ def finished_runs(args, name, header, wanted, configs):
     while appending) are dropped, so that its new rows are not duplicates. other: runs of a
     requested (variant, seed) under other settings."""
     path, lock = open_out(args.out, name)
-    try:
+    try:   # the lock is the caller's once this returns; before that, an error releases it here
         old = read_rows(path, header)
+        mine, other = {}, set()   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
+        for r in old:
+            key = (r["variant"], int(r["seed"]), r["cfg_hash"])
+            if wanted.get(key[:2]) == key[2]:
+                mine.setdefault(key, []).append(r)
+            elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
+                other.add(key)
+        finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
+        drop = mine.keys() - finished
+        if drop:
+            rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
     except BaseException:
         lock.close()
         raise
-    mine, other = {}, set()   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
-    for r in old:
-        key = (r["variant"], int(r["seed"]), r["cfg_hash"])
-        if wanted.get(key[:2]) == key[2]:
-            mine.setdefault(key, []).append(r)
-        elif key[:2] in wanted:   # rows land only when a run ends (or diverges)
-            other.add(key)
-    finished = {key for key, rows in mine.items() if any(is_final(r, configs[key[0]].epochs) for r in rows)}
-    drop = mine.keys() - finished
-    if drop:
-        rewrite_rows(path, header, [r for r in old if (r["variant"], int(r["seed"]), r["cfg_hash"]) not in drop])
     return path, lock, set() if args.fresh else {key[:2] for key in finished}, other
 
 
