@@ -22,7 +22,7 @@ Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does no
 the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
 longer runs: results/README.md, 'Longer runs on CPU'. On the steps preset (130 epochs, lr x wd x
 steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
-  bn_sgd_no_mlp_bn           lr 0.8: collapses 20-100x deeper than at lr 0.2, and decay on every
+  bn_sgd_no_mlp_bn           lr 0.8: collapses 16x deeper than at lr 0.2, and decay on every
                              parameter takes it to a constant (probe at chance by epoch ~55, 2 seeds)
   bn_sgd_no_mlp_bn_conv_wd   lr 0.2, decay on the conv weights only: collapses (neg. cos 0.9998),
                              stays at the blog's depth (loss 2.4e-4), then recovers in both seeds:
@@ -34,7 +34,7 @@ steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
                              +5.1 / +6.4 over the untrained encoder; neg. cos 0.9999 / 0.968 (the
                              blog's: ~0.40 by epoch 20); at 130 epochs +6.0 / +9.2, neg. cos 0.98
   gn4_lars_mlp               collapses and stays (probe +0.6 / +1.7)
-  gn4_lars_lr0.125           never collapses (neg. cos peaks 0.987 / 0.969), learns (+10.3 / +7.1)
+  gn4_lars_lr0.125           never collapses (neg. cos peaks 0.9905 / 0.969), learns (+10.2 / +7.1)
 results/README.md, 'The appendix's recoveries at a shallow collapse'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
