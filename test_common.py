@@ -820,3 +820,85 @@ def test_checkpoints_after_the_first_epoch_then_at_most_every_interval(monkeypat
         monkeypatch.setattr(harness, "CHECKPOINT_EVERY_S", every)
         common.train_byol(cfg, data=data, checkpoint=tmp_path / "c.pt")
         assert saved == expected
+
+
+# ------------------------------------------- the recovery instruments (exp_recovery.py, exp_mechanism.py)
+
+def _toy_scale_invariant_runs(scaled, lr=0.2, mu=0.9, wd=0.01, steps=300):
+    """SGD with decay on a scale-invariant toy loss, beside SGD without decay (momentum mu / alpha^2,
+    gradients x alpha^-(2t-1) when scaled, the initial radial momentum of the change of variables)."""
+    import exp_mechanism
+    g = torch.Generator().manual_seed(0)
+    a_mat, b = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    w0 = torch.randn(10, generator=g, dtype=torch.float64)
+    w1, w2 = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    a = exp_mechanism.alpha(lr, mu, wd)
+    o1 = common.LARS([dict(params=[w1], weight_decay=wd)], lr=lr, momentum=mu)
+    o2 = common.LARS([dict(params=[w2], weight_decay=0.0, momentum=mu / a ** 2 if scaled else mu)], lr=lr, momentum=mu)
+    if scaled:
+        o2.state[w2]["momentum_buffer"] = -(1 - a) * w0 / lr   # w~_{-1} = alpha w_{-1}
+    c = 1.0
+    for t in range(1, steps + 1):
+        for w, o in ((w1, o1), (w2, o2)):
+            o.zero_grad()
+            (a_mat @ (w / w.norm()) - b).pow(2).sum().backward()
+        c *= a ** -1 if t == 1 else a ** -2
+        if scaled:
+            w2.grad.mul_(c)
+        o1.step()
+        o2.step()
+    direction_gap = 1 - torch.dot(w1 / w1.norm(), w2 / w2.norm()).item()
+    return direction_gap, (w2.norm() / w1.norm()).item(), a ** -steps
+
+
+def test_exponential_lr_without_decay_follows_sgd_with_decay_on_scale_invariant_weights():
+    """exp_mechanism.py's control (b): Li & Arora's change of variables, as derived in its docstring,
+    gives SGD with decay's directions exactly, with |w| grown by alpha^-t; unscaled, it does not."""
+    gap, ratio, predicted = _toy_scale_invariant_runs(scaled=True)
+    assert gap < 1e-12 and ratio == pytest.approx(predicted, rel=1e-9) and predicted > 100
+    gap_plain, ratio_plain, _ = _toy_scale_invariant_runs(scaled=False)
+    assert gap_plain > 1e-5 and ratio_plain < 10
+
+
+def test_norm_held_model_restores_the_conv_norms_from_the_collapse_on():
+    """exp_mechanism.py's control (a): before the collapse nothing is held; once the negative cosine
+    reaches 0.999, every later forward first puts each conv weight back to the norm it had then."""
+    import exp_mechanism
+    model = exp_mechanism.NormHeldBYOL(SMALL)
+    v = torch.randn(8, 3, 32, 32)
+    convs = exp_mechanism.conv_weights(model)
+    model(v, v.flip(0))
+    assert not model.holding   # random init: far from collapse
+    with torch.no_grad():
+        model.holding.fill_(True)
+        model.held_norms.copy_(torch.stack([w.norm() for w in convs]))
+        for w in convs:
+            w.mul_(0.5)   # what decay would do between steps
+    model(v, v.flip(0))
+    assert torch.allclose(torch.stack([w.norm() for w in convs]), model.held_norms, rtol=1e-6)
+    assert "held_norms" in model.state_dict() and "holding" in model.state_dict()   # survive a resume
+
+
+def test_decay_on_puts_decay_only_where_named():
+    import exp_mechanism
+    model = common.BYOL(SMALL)
+    groups = exp_mechanism.decay_on("conv", "predictor.")(model, SMALL)
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert groups[0]["weight_decay"] == SMALL.weight_decay and groups[1]["weight_decay"] == 0.0
+    assert names == {n for n, p in model.named_parameters()
+                     if n.startswith("online_encoder.") and p.ndim == 4 or n.startswith("predictor.") and p.ndim == 2}
+    assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_recovery_metrics_angle_and_rank():
+    """exp_recovery.py's instruments: the angle between two tensors (exact for small angles) and the
+    effective rank (1 for a batch on a line, d for an isotropic one)."""
+    import exp_recovery
+    a = torch.tensor([1.0, 0.0, 0.0])
+    assert exp_recovery.angle(a, torch.tensor([1.0, 1e-5, 0.0])) == pytest.approx(1e-5, rel=1e-6)
+    assert exp_recovery.angle(a, torch.tensor([0.0, 2.0, 0.0])) == pytest.approx(math.pi / 2)
+    line = torch.randn(64, 1) * torch.randn(1, 16)
+    assert exp_recovery.effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    eye = torch.eye(16).repeat(4, 1)   # 4 copies of each basis vector: an isotropic spread
+    assert exp_recovery.effective_rank(eye) == pytest.approx(15.0, rel=0.05)   # centered: 15 live directions

@@ -32,7 +32,8 @@ def _run(args, cwd):
 
 
 # scripts whose grid is one lever at a time over two networks: a few levers stand for the rest
-SMOKE_VARIANTS = {"exp_collapse_depth.py": ["c1_base", "c1_wd_conv", "d1_gn4", "d1_n50k", "c1_sqdist"]}
+SMOKE_VARIANTS = {"exp_collapse_depth.py": ["c1_base", "c1_wd_conv", "d1_gn4", "d1_n50k", "c1_sqdist"],
+                  "exp_recovery.py": ["c1", "d1_healthy", "d2_all_decay"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
