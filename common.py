@@ -151,7 +151,7 @@ TABLE1_PRESETS = {"blog": dict(BLOG_STL10, epochs=10, schedule_epochs=320),
 # steps, and it keeps the blog's lr 0.8, wd 1e-4 and tau 0.996, so that lr x wd x steps, the clock
 # of the decay, reads as in the blog. Each script sets how many epochs a finding needs. Its
 # GroupNorm has the default 32 groups, one channel each in layers 1-3 at width 8; the *_gn4
-# variants have the blog's 2-16 channels a group. Speed: results/README.md ('A preset built for steps').
+# variants have the blog's 2-16 channels a group. Speed: results/history/notebook.md ('A preset built for steps').
 BLOG_STEPS = 320 * 410   # the blog's appendix runs: 320 epochs of 410 steps (105k STL-10 images, batch 256)
 
 APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR10_GPU, epochs=320),
@@ -628,7 +628,7 @@ def build_mlp(in_dim, hidden_dim, out_dim, norm="bn", bn_group=0, num_layers=2, 
 
 def conv_format(device, width):
     """Memory format of the convolutions' inputs and weights. channels_last (NHWC) is faster on
-    CUDA (cuDNN) and on CPU too (results/README.md, Speed), but on an
+    CUDA (cuDNN) and on CPU too (results/history/notebook.md, Speed), but on an
     AVX2-only CPU oneDNN computes the weight gradient of a 1x1 conv whose input channels are not
     a multiple of 8 with a kernel that writes out of bounds (a crash or a hang at width 4:
     test_no_avx2_crash_at_a_narrow_width). So on CPU, channels_last only when every channel

@@ -14,7 +14,7 @@ Finding (blog appendix, Figure 'accuracy_resnet_group_norm'; ResNet-18 with Grou
 Expect at any scale: without MLP BN, SGD collapses (positive and negative cosine ~1) while
 the BN-MLP control does not. The recoveries (LARS lr 0.2 over tens of epochs, WS around epoch
 100) need the long blog/cifar10 presets; the cpu preset shows the first epochs only. On the steps
-preset (results/README.md, 'The appendix's recoveries at a shallow collapse'; 2 seeds each):
+preset (results/history/notebook.md, 'The appendix's recoveries at a shallow collapse'; 2 seeds each):
   lars_lr0.05 / lars_lr0.025  (the blog's 0.2 / 0.1 at a quarter, 60 epochs) the larger lr never
                               collapses and learns (probe +7.7 / +6.7); the smaller lags, and one
                               seed collapses and recovers: the blog's lr 0.1 stays collapsed
@@ -55,7 +55,7 @@ VARIANTS = {
 # The same at a 4x smaller lr (the blog's lr per image at batch 64; a smaller lr keeps the collapse
 # shallow, at the blog's depth: exp_collapse_depth.py; SGD: wd x 4 keeps the decay per step) and
 # the blog's channels per group (4 groups at width 8: 2-16
-# channels each, where 32 groups are one channel each in layers 1-3): results/README.md, 'Recoveries'
+# channels each, where 32 groups are one channel each in layers 1-3): results/history/notebook.md, 'Recoveries'
 GN4 = dict(NO_MLP_BN, gn_groups=4)
 VARIANTS.update({"lars_lr0.025": dict(GN4, **common.LARS_BYOL, lr=0.025),
                  "lars_lr0.05": dict(GN4, **common.LARS_BYOL, lr=0.05),

@@ -13,7 +13,7 @@ epoch 60 and rises steeply around epochs 90-110 of 410 steps, i.e. lr x wd x ste
 
 What this measures, on the steps preset: the clock of a rise of the loss, which in every run here
 stays a collapsed rise (negative cosine >= 0.999 throughout, probe at or below the untrained
-encoder; results/README.md, 'The decay clock'). It is not an escape of the representation.
+encoder; results/history/notebook.md, 'The decay clock'). It is not an escape of the representation.
 
 Grid: lr x wd in {2e-4, 1e-4, 5e-5, 2.5e-5}, each product once at lr 0.2 and once at lr 0.1, on the
 steps preset (the blog's step schedule). Each run lasts until lr x wd x steps = 0.25, three times

@@ -20,7 +20,7 @@ the first conv of each encoder stage and both layers of the projector and predic
 
 Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does not; without BN,
 the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
-longer runs: results/README.md, 'Longer runs on CPU'. On the steps preset (130 epochs, lr x wd x
+longer runs: results/history/notebook.md, 'Longer runs on CPU'. On the steps preset (130 epochs, lr x wd x
 steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
   bn_sgd_no_mlp_bn           lr 0.8: collapses 16x deeper than at lr 0.2, and decay on every
                              parameter takes it to a constant (probe at chance by epoch ~55, 2 seeds)
@@ -35,7 +35,7 @@ steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
                              blog's: ~0.40 by epoch 20); at 130 epochs +6.0 / +9.2, neg. cos 0.98
   gn4_lars_mlp               collapses and stays (probe +0.6 / +1.7)
   gn4_lars_lr0.125           never collapses (neg. cos peaks 0.9905 / 0.969), learns (+10.2 / +7.1)
-results/README.md, 'The appendix's recoveries at a shallow collapse'.
+results/history/notebook.md, 'The appendix's recoveries at a shallow collapse'.
 
 Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
@@ -60,7 +60,7 @@ VARIANTS = {
     # C1 at lr 0.2 (the blog's lr per image at batch 64; a smaller lr keeps the collapse shallow, at
     # the blog's depth: exp_collapse_depth.py) and the blog's decay per step (lr x wd = 8e-5), with decay on the
     # encoder's conv weights only (scale-invariant under BN), or on no 1-D parameter (biases, BN
-    # gains): results/README.md, 'Recoveries'
+    # gains): results/history/notebook.md, 'Recoveries'
     "bn_sgd_no_mlp_bn_conv_wd": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="conv"),
     "bn_sgd_no_mlp_bn_wd_weights": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4, decay_params="weights"),
     "bn_sgd_no_mlp_bn_lr0.2": dict(NO_MLP_BN, lr=0.2, weight_decay=4e-4),   # decay on every parameter

@@ -12,14 +12,14 @@ output variation returns, the loss rises, learning resumes.
 Expect: every variant collapses within the first epochs (cpu preset shows this); only the long
 presets (blog, cifar10: 320 epochs) can show the escape around epoch 100 and its dependence on
 the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). What the cpu
-preset shows when run longer: results/README.md, 'Longer runs on CPU'. The steps preset runs wd 1e-5
+preset shows when run longer: results/history/notebook.md, 'Longer runs on CPU'. The steps preset runs wd 1e-5
 to 49,920 steps (85-93 minutes a seed, one thread beside another run); both seeds stay collapsed.
 exp_escape_law.py measures the decay clock of that collapsed loss: on the steps preset it rises at
 lr x wd x steps 0.18-0.23 whatever lr and wd, with the cosines still collapsed (a clock, not an
 escape), and at wd 1e-5 the blog's cosine caps this preset's clock at 0.131. At lr 0.2 this
 network collapses ~50x deeper than the blog's (loss 5e-6 against 1e-4: exp_collapse_depth.py);
 wd_lr0.05 and wd_lr0.05_conv run D1 at a quarter of the lr, where the collapse sits at the blog's
-1e-4 (results/README.md, 'The appendix's recoveries at a shallow collapse').
+1e-4 (results/history/notebook.md, 'The appendix's recoveries at a shallow collapse').
 
 Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, one channel
 each below 32 channels; the *_gn4 / wd_lr0.05* variants: 4 groups at width 8, the blog's 2-16
@@ -38,7 +38,7 @@ VARIANTS = {f"wd_{wd:g}": dict(NO_BN, weight_decay=wd) for wd in (0.0, 1e-5, 1e-
 # D1 at lr 0.05 (a smaller lr keeps the collapse shallow, at the blog's depth: exp_collapse_depth.py)
 # with the blog's channels per GroupNorm group (4 groups at width 8), decay on every parameter as the
 # blog's SGD, 4x its decay per step (lr x wd 8e-6 against 2e-6) so that the blog's escape clock
-# (0.082) comes within 10,300 steps: results/README.md, 'Recoveries'
+# (0.082) comes within 10,300 steps: results/history/notebook.md, 'Recoveries'
 VARIANTS["wd_lr0.05"] = dict(NO_BN, lr=0.05, weight_decay=1.6e-4, gn_groups=4)
 # the same with decay on the encoder's conv weights only (scale-invariant under GN), as C1's recovery
 VARIANTS["wd_lr0.05_conv"] = dict(VARIANTS["wd_lr0.05"], decay_params="conv")
