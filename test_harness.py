@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import conftest
 import harness
 
 ROOT = Path(__file__).resolve().parent
@@ -27,8 +28,9 @@ SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=
 SCRIPTS = sorted(p.name for p in [*ROOT.glob("exp_*.py"), *ROOT.glob("ablation_*.py")])
 
 
-def _run(args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+def _run(args, cwd, timeout=240):
+    """A python subprocess in its own process group, killed with it if the test ends early."""
+    return conftest.run([sys.executable, *args], cwd=cwd, timeout=timeout)
 
 
 # scripts whose grid is one lever at a time over two networks: a few levers stand for the rest
@@ -159,22 +161,80 @@ def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys
     assert code == 2 and "not a writable file" in err and not trained
 
 
-def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path):
+@pytest.mark.parametrize("beside", ["idle", "busy_loop"])
+def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path, beside):
+    """Also the suite's check that it survives ordinary load: beside a CPU-bound process
+    (python -c "while True: pass") the 12-epoch run once took 100 s with torch's two threads and
+    passed pytest's limit (issue 30); with one thread per process it finishes within _run's and
+    communicate's limits, and the busy process is still running at the end (it really was beside)."""
+    busy = conftest.popen([sys.executable, "-c", "while True: pass"]) if beside == "busy_loop" else None
     # 12 epochs (several seconds): the first run is still training when the second one starts
     args = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "12",
             "--set", "eval_every=0", "--out", str(tmp_path)]
-    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = conftest.popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in first.stdout:                                 # the first run holds the lock now
         if line.startswith("[byol seed 0]"):
             break
     second = _run(args[1:], tmp_path)
-    out, err = first.communicate(timeout=600)
+    out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err
     assert second.returncode == 2 and "another run" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
     rows = _rows(tmp_path / "table1_smoke.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(13))
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    if busy:
+        assert busy.poll() is None
+        conftest.kill_group(busy)
+
+
+def test_tests_and_their_subprocesses_use_one_thread():
+    """conftest.py: one torch thread here and in every subprocess (two per process oversubscribe
+    2 cores as soon as anything else runs)."""
+    assert torch.get_num_threads() == 1
+    r = _run(["-c", "import os, torch; print(torch.get_num_threads(), os.environ['MKL_NUM_THREADS'])"], ROOT)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "1"], r.stderr
+
+
+HOLD_THE_LOCK = """
+import subprocess, sys, time
+# a child of a child: the test's process group must reach it
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+for line in child.stdout:
+    if line.startswith("[byol seed 0]"):   # it holds the CSV's lock and trains
+        open("child.pid", "w").write(str(child.pid))
+        break
+time.sleep(600)
+"""
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"   # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_timed_out_subprocess_dies_with_its_children_and_leaves_no_held_lock(tmp_path):
+    """What issue 30 met: a test past its limit left its smoke run training for 6 minutes, holding
+    table1_smoke.csv.lock. conftest.run kills the whole process group at its timeout (a grandchild
+    included) and the test fails naming the command; the next run on the same --out is not refused."""
+    (tmp_path / "hold.py").write_text(HOLD_THE_LOCK)
+    train = [sys.executable, str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "1000",
+             "--set", "eval_every=0", "--out", str(tmp_path)]
+    with pytest.raises(pytest.fail.Exception, match="ran past its 20 s limit and was killed"):
+        conftest.run([sys.executable, "hold.py", *train], cwd=tmp_path, timeout=20)
+    # the grandchild got as far as holding the lock (~4 s in, beside two busy processes)
+    pid = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):   # SIGKILL is immediate; its reaping by init may take a moment
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
+    r = _run([str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol", "--epochs", "1",
+              "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0 and "another run" not in r.stderr, r.stderr
 
 
 def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path, capsys):
@@ -341,7 +401,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
             "--epochs", "3"]
     ref = _run(args[1:] + ["--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr
-    p = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    p = conftest.popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE)
     for line in p.stdout:
         if line.strip().startswith("epoch   1"):
             p.send_signal(signal.SIGKILL)          # a crash right after epoch 1 was checkpointed
@@ -543,9 +603,8 @@ def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkey
 
 def _run_copied(script, tmp_path):
     """A one-epoch --smoke run of a script written outside the repo (as a researcher's copy)."""
-    return subprocess.run([sys.executable, str(script), "--smoke", "--set", "epochs=1", "--out", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return conftest.run([sys.executable, str(script), "--smoke", "--set", "epochs=1", "--out", str(tmp_path)],
+                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 HOOKED_SCRIPT = '''"""a copied script with its own parameter groups"""
@@ -629,7 +688,7 @@ def test_a_metric_column_is_written_shown_and_survives_a_resume(tmp_path):
     ranks = [r["z_rank"] for r in rows]
     assert ranks[0] == "" and all(1.0 <= float(x) <= 16.0 for x in ranks[1:])
     cut = tmp_path / "cut"
-    p = subprocess.Popen([sys.executable, *args, "--out", str(cut)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    p = conftest.popen([sys.executable, *args, "--out", str(cut)], cwd=tmp_path, stdout=subprocess.PIPE)
     for line in p.stdout:   # kill it once epoch 1's checkpoint is on disk
         if "epoch   2" in line or ("epoch   1" in line and list((cut / "checkpoints").glob("*.pt"))):
             p.kill()
