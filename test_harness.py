@@ -63,7 +63,7 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
     assert r.returncode == 0 and f"reused {len(variants)} finished run(s)" in r.stdout
     assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
     if script == "exp_bn_anatomy.py":   # its extra figure: accuracy against k, parts as bars
-        r = _run([str(ROOT / "plot_results.py"), str(csv_path)], tmp_path)
+        r = _run([str(ROOT / "plot_results.py"), str(csv_path), "--out", str(tmp_path)], tmp_path)
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "bn_anatomy_smoke_k_parts.png").stat().st_size > 10000
 
@@ -345,7 +345,7 @@ def test_plot_results_draws_every_csv(tmp_path):
     r = _run([str(ROOT / "exp_lars.py"), "--smoke", "--variants", "bn_sgd_mlp_bn,gn_lars_layer12",
               "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
-    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "lars_smoke.csv")], tmp_path)
+    r = _run([str(ROOT / "plot_results.py"), str(tmp_path / "lars_smoke.csv"), "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
     png = tmp_path / "lars_smoke.png"
     assert png.stat().st_size > 10000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -546,8 +546,9 @@ def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
     assert cells[1:8] == ["0", "50", "0.025", "0.13", "2", "0.6000 (ep 5)", "5"]
     assert cells[8:10] == ["20.0 / 30.0 / 30.0", "21.0 / 26.0 / 26.0"]
     assert cells[10].rstrip(" |") == "yes (ep 5)"
-    r = _run([str(ROOT / "plot_results.py"), "--recovery", str(path)], tmp_path)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    for bad in (["--recovery", str(path), "--steps-per-epoch", "0"], ["--recovery"]):
+        r = _run([str(ROOT / "plot_results.py"), *bad], tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------- committed results and the code today
