@@ -196,6 +196,35 @@ def test_tests_and_their_subprocesses_use_one_thread():
     assert r.returncode == 0 and r.stdout.split() == ["1", "1"], r.stderr
 
 
+INNER_TESTS = """
+import os, sys, time
+import conftest
+
+def test_runs_long():   # starts a child, then outlives the timeout
+    conftest.popen([sys.executable, "-c", "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(600)"])
+    time.sleep(600)
+
+def test_after_it():
+    assert True
+"""
+
+
+def test_a_test_past_its_timeout_fails_alone_and_the_run_reports(tmp_path):
+    """Issue 30: pytest-timeout's thread method ended the whole run at the first slow test, with no
+    summary and 52 tests never run. With this repo's pytest.ini and conftest.py (copied beside two
+    inner tests), a test past its limit fails, its subprocess dies, the next test runs, and pytest
+    prints its summary."""
+    for name in ("pytest.ini", "conftest.py"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    r = conftest.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=8",
+                      "test_inner.py"], cwd=tmp_path, timeout=180)
+    assert r.returncode == 1, r.stdout[-2000:]
+    assert "1 failed, 1 passed" in r.stdout and "Timeout" in r.stdout
+    pid = int((tmp_path / "child.pid").read_text())
+    assert not _alive(pid)
+
+
 HOLD_THE_LOCK = """
 import subprocess, sys, time
 # a child of a child: the test's process group must reach it
