@@ -308,6 +308,8 @@ def _main_in_process(argv, capsys):
     (["--set", "image_size=4"], "image_size must be 0"),
     (["--set", "image_size=64"], "larger than the synthetic images"),
     (["--set", "schedule_epochs=-1"], "schedule_epochs"),
+    (["--preset", "nosuch"], "invalid choice: 'nosuch'"),   # argparse's own errors: one line too
+    (["--epochs", "ten"], "invalid int value"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
@@ -321,6 +323,9 @@ def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monk
         assert f"  {field.name} = " in r.stdout, field.name
     assert "lars_form = 'blog' [blog|byol]" in r.stdout and "aug_blur = (0.5, 0.5)" in r.stdout
     assert "proj_norm = 'bn' [none|bn|ln|" in r.stdout   # the norms' table, added names included
+    # the values a run uses: each preset's, beside the Config default it replaces
+    assert "  width = 64   presets: blog 64, cifar10 64, cpu 16, steps 8\n" in r.stdout
+    assert "  epochs = 10   presets: blog 320, cifar10 320, cpu 8, steps 130\n" in r.stdout
     assert all(f"{hook}(" in r.stdout for hook in harness.HOOKS)   # the hooks a variant may name
     # --set over a variant's own value: a warning, and the header prints the value used
     seen = []
@@ -332,6 +337,33 @@ def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monk
     out, err = capsys.readouterr()
     assert "replaces variant tau_0's own base_tau=0.0" in err
     assert "[tau_0 seed 0] base_tau=0.5" in out and seen[0].base_tau == 0.5
+
+
+def test_an_override_that_departs_from_the_preset_says_so_at_the_start(capsys):
+    """Issue 30: `exp_table1_norms.py --epochs 10` ran the cpu preset at 10 of its 12 epochs, and
+    nothing said that its numbers cannot be the README's."""
+    import exp_table1_norms as t1
+
+    def note(argv):
+        args = harness.get_parser("", t1.PRESETS, t1.VARIANTS).parse_args(argv)
+        capsys.readouterr()
+        harness.build_configs(args, t1.PRESETS, t1.VARIANTS)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    (line,) = note(["--preset", "cpu", "--epochs", "10"])
+    assert "epochs=10 (preset: 12)" in line and "preset 'cpu'" in line and "README" in line
+    (line,) = note(["--preset", "cpu", "--set", "lr=0.2", "--batch-size", "64"])   # 64 is the preset's own
+    assert "lr=0.2 (preset: 0.1)" in line and "batch_size" not in line
+    assert note(["--preset", "cpu", "--epochs", "12"]) == [] and note(["--preset", "cpu"]) == []
+    assert list(t1.VARIANTS)[0] == "byol"   # the grid starts with the method itself
+
+
+def test_the_data_folder_found_is_printed(tmp_path, capsys):
+    sub, files = harness.DATA_FILES["cifar10"]
+    (tmp_path / sub).mkdir()
+    for f in files:
+        (tmp_path / sub / f).write_bytes(b"")
+    assert harness.find_dataset("cifar10", str(tmp_path)) == tmp_path / sub
+    assert f"data: cifar10 from {tmp_path / sub}" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2_with_one_line_as_a_script(tmp_path):
@@ -742,3 +774,10 @@ def test_gpu_report_runs_every_section_on_the_cpu(tmp_path):
         assert f"== {name} (" in text
     assert "FAILED" not in text and "identical rows" in text and "the uninterrupted numbers" in text
     assert "channels_last: skipped (channels_last on a CPU needs a width that is a multiple of 8, not 4)" in text
+    # issue 30: --quick forces synthetic images (it said "CIFAR-10 not found" with CIFAR-10 there),
+    # and the collapse section says in words whether no_norm collapsed
+    assert "data: synthetic images (--quick)" in text
+    neg = float(text.split("no_norm: probe")[-1].split("neg_cos ")[1].split()[0])
+    assert ("no_norm collapsed" in text) == (neg >= 0.99) and ("no_norm did NOT collapse" in text) == (neg < 0.99)
+    import gpu_report   # the report goes to runs/ unless told otherwise, never into results/
+    assert gpu_report.get_parser().parse_args([]).out == "runs/gpu_report.txt"
