@@ -85,6 +85,13 @@ def run(args, timeout=240, **kw):
 # _die_with_pytest takes the subprocesses down with it. It fires this long after the test's own
 # timeout (pytest.ini's, or its @pytest.mark.timeout), so it never pre-empts a timeout that works.
 BACKSTOP_EXTRA_S = 120
+_backstop_fd = None   # the terminal's stderr, kept before pytest captures the tests' output
+
+
+def pytest_configure(config):
+    """Runs while pytest's capture is suspended: fd 2 is still the terminal (or CI's log) here."""
+    global _backstop_fd
+    _backstop_fd = os.dup(sys.stderr.fileno())
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +102,8 @@ def _seeded_and_cleaned(request):
     np.random.seed(0)
     marker = request.node.get_closest_marker("timeout")
     limit = float(marker.args[0] if marker and marker.args else request.config.getini("timeout") or 0)
-    faulthandler.dump_traceback_later(limit + BACKSTOP_EXTRA_S if limit else BACKSTOP_EXTRA_S * 10, exit=True)
+    faulthandler.dump_traceback_later(limit + BACKSTOP_EXTRA_S if limit else BACKSTOP_EXTRA_S * 10, exit=True,
+                                      file=_backstop_fd if _backstop_fd is not None else sys.__stderr__)
     try:
         yield
     finally:

@@ -225,6 +225,42 @@ def test_a_test_past_its_timeout_fails_alone_and_the_run_reports(tmp_path):
     assert not _alive(pid)
 
 
+NATIVE_HANG = """
+import ctypes, sys
+import conftest
+
+def test_stuck_in_c():
+    conftest.popen([sys.executable, "-c", "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(600)"])
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)   # zeroed: PTHREAD_MUTEX_INITIALIZER on glibc
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)   # a self-deadlock inside one C call: no signal reaches Python
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mutex, /proc")
+def test_a_test_stuck_in_native_code_ends_the_run_with_its_traceback_and_no_orphan(tmp_path):
+    """The case the signal method cannot stop (a hang inside one C call, as oneDNN's once did):
+    conftest.py's faulthandler backstop ends the run with every thread's traceback, and the test's
+    subprocess dies with pytest (PR_SET_PDEATHSIG). The backstop's margin is cut from 120 s to 4 s."""
+    (tmp_path / "pytest.ini").write_text((ROOT / "pytest.ini").read_text())
+    text = (ROOT / "conftest.py").read_text()
+    assert "BACKSTOP_EXTRA_S = 120\n" in text
+    (tmp_path / "conftest.py").write_text(text.replace("BACKSTOP_EXTRA_S = 120\n", "BACKSTOP_EXTRA_S = 4\n"))
+    (tmp_path / "test_inner.py").write_text(NATIVE_HANG)
+    t = time.time()
+    r = conftest.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=3",
+                      "test_inner.py"], cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and time.time() - t < 100
+    assert "in test_stuck_in_c" in r.stderr   # faulthandler's dump names the stuck test
+    pid = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
 HOLD_THE_LOCK = """
 import subprocess, sys, time
 # a child of a child: the test's process group must reach it
