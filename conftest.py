@@ -32,19 +32,24 @@ torch.set_num_threads(1)
 STARTED = []   # every Popen a test started, killed (with its group) when the test ends
 
 
+# prctl looked up here, in the parent: between fork and exec the child should only call it, not
+# load libraries (another thread may hold the loader's lock at the fork)
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
 def _die_with_pytest():
     """In the child, before exec: SIGKILL it if pytest itself dies (a hard crash, or the backstop
-    below ending the run), so that nothing is left running even then. Linux only; a no-op elsewhere."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    below ending the run), so that nothing is left running even then. Linux only."""
+    _PRCTL(1, int(signal.SIGKILL))   # 1 = PR_SET_PDEATHSIG
 
 
 def popen(args, **kw):
     """subprocess.Popen in a new session (its own process group), text mode, registered for cleanup."""
     p = subprocess.Popen(args, start_new_session=True, text=True,
-                         preexec_fn=_die_with_pytest if sys.platform == "linux" else None, **kw)
+                         preexec_fn=_die_with_pytest if _PRCTL else None, **kw)
     STARTED.append(p)
     return p
 
