@@ -161,7 +161,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys
     assert code == 2 and "not a writable file" in err and not trained
 
 
-@pytest.mark.parametrize("beside", ["idle", "busy_loop"])
+@pytest.mark.parametrize("beside", ["nothing_more", "busy_loop"])
 def test_a_second_run_on_the_same_out_exits_2_and_loses_nothing(tmp_path, beside):
     """Also the suite's check that it survives ordinary load: beside a CPU-bound process
     (python -c "while True: pass") the 12-epoch run once took 100 s with torch's two threads and
