@@ -236,6 +236,7 @@ def find_dataset(name, data_dir="", download=False):
             if unreadable:
                 raise UsageError(f"{folder}: {', '.join(unreadable)} cannot be read (permission denied); "
                                  f"fix the permissions (chmod u+r) or pass another --data-dir")
+            print(f"data: {name} from {folder}")   # which copy, of the several places looked in
             return folder
     if download:
         import torchvision  # only for the download itself
@@ -319,21 +320,37 @@ SMOKE = dict(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch
              epochs=2, queue_size=256, train_subset=0, schedule_epochs=0)
 
 
-def config_help():
-    """--help's list of Config fields with their defaults and allowed values (common.CHOICES);
-    what each field means is written beside it in common.Config."""
-    out = ["Config fields (--set KEY=VALUE, or a variant's overrides; their meaning: common.Config):"]
+def config_help(presets=None):
+    """--help's list of Config fields: each field's default and allowed values (common.CHOICES),
+    then, for a field some preset sets, every preset's value (what a run actually uses: a
+    preset's values replace the defaults). What each field means is written beside it in
+    common.Config."""
+    presets = presets or {}
+    out = ["Config fields (--set KEY=VALUE, or a variant's overrides; their meaning: common.Config). Each "
+           "field's default, then the value of each preset (" + ", ".join(presets) + ") where a preset sets it:"
+           if presets else "Config fields (--set KEY=VALUE, or a variant's overrides; their meaning: common.Config):"]
     for f in dataclasses.fields(common.Config):
         allowed = f" [{'|'.join(common.CHOICES[f.name])}]" if f.name in common.CHOICES else ""
-        out.append(f"  {f.name} = {f.default!r}{allowed}")
+        line = f"  {f.name} = {f.default!r}{allowed}"
+        if any(f.name in preset for preset in presets.values()):
+            line += "   presets: " + ", ".join(f"{name} {preset.get(f.name, f.default)!r}" for name, preset in presets.items())
+        out.append(line)
     out.append("A variant may also name its own pieces (train_byol's hooks): " + ", ".join(
         f"{k}{sig}" for k, sig in HOOK_SIGNATURES.items()))
     return "\n".join(out)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown --preset, a flag without its value) are one 'error:' line
+    and exit code 2, as every other bad input, instead of the usage text first."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def get_parser(doc, presets, variants):
-    p = argparse.ArgumentParser(description=doc, epilog=config_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=doc, epilog=config_help(presets),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     p.add_argument("--seeds", type=str, default="1",
@@ -431,7 +448,24 @@ def build_configs(args, presets, variants, extra_variants=None):
         configs[v] = check_config(common.Config(**{**base, **over, **used}))
     for w in warnings:   # once every config is valid (bad input stays a one-line error)
         print(w, file=sys.stderr)
+    if not args.smoke:
+        note = departures(preset, presets[preset], cli)
+        if note:
+            print(note)
     return ("smoke" if args.smoke else preset), configs, cli
+
+
+def departures(preset_name, preset, cli):
+    """A line saying which command-line overrides (--epochs, --batch-size, --set) depart from the
+    preset, whose values the README's and results/'s numbers came from; '' when none do. (A
+    --epochs 10 on the cpu preset's 12 gives other numbers and another cfg_hash: issue 30.)"""
+    defaults = {f.name: f.default for f in dataclasses.fields(common.Config)}
+    changed = [f"{k}={v!r} (preset: {preset.get(k, defaults.get(k))!r})" for k, v in cli.items()
+               if v != preset.get(k, defaults.get(k))]
+    if not changed:
+        return ""
+    return (f"note: {', '.join(changed)} depart from preset '{preset_name}', the settings of the README's "
+            f"numbers: these runs will not reproduce them (and get their own cfg_hash)")
 
 
 # ======================================================================== config hash

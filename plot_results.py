@@ -1,21 +1,30 @@
-"""Draws the blog's figures from result CSVs alone: one PNG beside each CSV, with
-(a) probe accuracy per epoch (the untrained encoder's level dashed), (b) positive (dashed) and
-negative (solid) cosine of z and z' per epoch, (c) training loss on a log scale, and (d) for
-runs with LARS, the effective LARS lr of encoder layer1 and the projector's first layer.
-For exp_bn_anatomy.py also <csv>_k_parts.png: final accuracy and negative cosine against the
-ghost BN group size k, and a bar chart of BN's parts.
+"""Draws the blog's figures from result CSVs alone, into --out (default runs/plots/: plotting
+never writes into results/ unless --out points there). For each CSV, <out>/<csv stem>.png:
+(a) probe accuracy per epoch (the untrained encoder's level dashed), (b) positive and (c) negative
+cosine of z and z' per epoch, (d) training loss on a log scale, and (e) for runs with LARS, the
+effective LARS lr of encoder layer1 and the projector's first layer. Each variant is its mean over
+seeds with a band from the lowest to the highest seed, in its own colour, line style and marker
+(no_norm and layer_norm both sit at cosine 1.0: the styles keep them apart); one legend below
+the panels; the title names the finding. Also:
+  a table1 CSV      <stem>_vs_blog.png: each variant's last epoch (seeds as dots, mean ± std)
+                    beside the blog's Table 1 (SPEC.md section 1.1, cosines 1.2) as red crosses
+  a bn_anatomy CSV  <stem>_k_parts.png: final accuracy and negative cosine against the ghost BN
+                    group size k, and a bar chart of BN's parts
 
-    python plot_results.py results/table1_cpu.csv [more.csv ...]
-    python plot_results.py            # every results/*.csv
+    python plot_results.py results/table1_cpu.csv [more.csv ...] [--out DIR]
+    python plot_results.py            # every results/*.csv, into runs/plots/
     python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
-    python plot_results.py --recovery results/steps/lars_steps.csv --steps-per-epoch 78
-                         # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered
+    python plot_results.py --recovery results/steps/lars_steps.csv [--steps-per-epoch 78]
+            # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered;
+            # for exp_recovery.py CSVs also <out>/recovery_<c1|d1|d2>.png and recovery_fraction.csv
     python plot_results.py --depth results/steps/depth/collapse_depth_steps.csv
-                         # markdown and figure: each lever's last-epoch loss, gaps and z_std
+            # markdown and figure: each lever's last-epoch loss, gaps and z_std
 
 Uses matplotlib (plots are the one place a library clearly beats hand-written code).
 """
+import argparse
 import csv
+import os
 import sys
 from collections import defaultdict
 from statistics import mean, stdev
@@ -24,68 +33,182 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 
-def curves(rows, column):
-    """{variant: (epochs, mean over seeds)} of a column, skipping empty cells."""
+class UsageError(ValueError):
+    """Bad input: one 'error:' line and exit code 2."""
+
+
+# the finding each experiment reproduces (the figure's title); other exps are titled by name
+FINDINGS = {"table1": "Table 1: norms in the MLPs", "lars": "Appendix C1/D3: LARS",
+            "encoder_gn": "Appendix C2/D2: GroupNorm encoder", "weight_decay": "Appendix D1: weight decay",
+            "recovery": "Appendix C1/D1/D2 at the blog's epoch 100"}
+# one style per variant, so that curves lying on top of each other (no_norm and layer_norm at
+# cosine 1.0) stay told apart by their dashes and markers, not by colour alone
+LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2, 2, 2))]
+MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">"]
+
+
+def styles(names):
+    """{variant: matplotlib style kwargs}: colour, line style and marker, each cycling on its own."""
+    return {v: dict(color=f"C{i % 10}", ls=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)], index=i)
+            for i, v in enumerate(names)}
+
+
+def seed_curves(rows, column):
+    """{variant: (epochs, mean, lowest, highest) over seeds} of a column, skipping empty cells;
+    each epoch's statistics are over the seeds that logged it."""
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get(column) not in (None, ""):
             by[r["variant"]][int(r["epoch"])].append(float(r[column]))
-    return {v: (sorted(d), [sum(d[e]) / len(d[e]) for e in sorted(d)]) for v, d in by.items()}
+    out = {}
+    for v, d in by.items():
+        es = sorted(d)
+        out[v] = (es, [mean(d[e]) for e in es], [min(d[e]) for e in es], [max(d[e]) for e in es])
+    return out
 
 
-def plot(csv_path):
+def draw_band(ax, curve, style, lw=1.5, alpha=0.18, **kw):
+    """The mean over seeds as a line, and the lowest-to-highest seed as a band around it."""
+    es, m, lo, hi = curve
+    style = dict(style)
+    step = max(2, len(es) // 12)   # markers at staggered epochs, so that curves on top of each other show each
+    ax.plot(es, m, lw=lw, ms=3.5, markevery=(style.pop("index", 0) % step, step), **style, **kw)
+    if any(a != b for a, b in zip(lo, hi)):
+        ax.fill_between(es, lo, hi, color=style["color"], alpha=alpha, lw=0)
+
+
+def legend_below(fig, handles, note=""):
+    """One legend for the whole figure, below the panels, where it hides no data."""
+    ncol = min(len(handles), 5)
+    rows = (len(handles) + ncol - 1) // max(ncol, 1)
+    height = fig.get_size_inches()[1]
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    if note:   # just above the legend's rows (about 0.24 inch each)
+        fig.text(0.5, (0.1 + 0.24 * rows) / height, note, ha="center", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, (0.1 + 0.24 * rows + 0.25 * bool(note)) / height, 1, 0.95))
+
+
+def save(fig, path):
+    """Writes the PNG through a temporary file, so a failure midway leaves the old one whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
+
+
+def title_of(rows, csv_path):
+    exp = rows[0].get("exp", "")
+    seeds = len({r["seed"] for r in rows})
+    return f"{FINDINGS.get(exp, exp or Path(csv_path).stem)}   ({Path(csv_path).name}, {seeds} seed{'s' * (seeds > 1)})"
+
+
+def plot(csv_path, out_dir, name=None):
+    """<out_dir>/<name or the CSV's stem>.png, the curves of every variant; for table1 and
+    bn_anatomy CSVs their extra figure. Returns the main figure's path."""
     rows = read_results(csv_path)
     if not rows:
         print(f"{csv_path}: no rows, skipped")
         return None
+    stem = name or Path(csv_path).stem
     lars_cols = [c for c in ("lars_lr:encoder.layer1", "lars_lr:projector.0") if c in rows[0]]
-    panels = 4 if lars_cols and curves(rows, lars_cols[0]) else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
-    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
+    panels = 5 if lars_cols and seed_curves(rows, lars_cols[0]) else 4
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4.6))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    style = styles(names)
+    handles = {}
     ax = axes[0]
-    acc_curves = curves(rows, "probe_acc")
+    acc = seed_curves(rows, "probe_acc")
     # the untrained encoder: epoch 0 of the trained variants; epoch-0-only variants (random
     # baselines) get their own line
-    start = [acc[0] for e, acc in acc_curves.values() if len(e) > 1 and e[0] == 0]
+    start = [c[1][0] for c in acc.values() if len(c[0]) > 1 and c[0][0] == 0]
     if start and max(start) - min(start) < 0.5:   # one encoder type; else each curve's epoch 0 shows it
-        ax.axhline(sum(start) / len(start), color="k", ls="--", lw=1, label="untrained encoder")
-    for v, (e, acc) in acc_curves.items():
-        if len(e) > 1:
-            ax.plot(e, acc, "o-", ms=3, color=colors[v], label=v)
-        elif v not in ("random",):
-            ax.axhline(acc[0], color=colors[v], ls=":", lw=1, label=f"{v} (untrained)")
+        ax.axhline(mean(start), color="k", ls="--", lw=1)
+        handles["untrained"] = Line2D([], [], color="k", ls="--", lw=1, label="untrained encoder (epoch 0)")
+    for v, c in acc.items():
+        if len(c[0]) > 1:
+            draw_band(ax, c, style[v])
+        else:   # never trained (random): its level across the panel, the seeds' spread as a band
+            ax.axhline(c[1][0], color=style[v]["color"], ls=style[v]["ls"], lw=1.2)
+            if c[2][0] != c[3][0]:
+                ax.axhspan(c[2][0], c[3][0], color=style[v]["color"], alpha=0.12, lw=0)
     ax.set(xlabel="epoch", ylabel="linear probe accuracy (%)", title="Linear evaluation accuracy")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    for v, (e, c) in curves(rows, "neg_cos").items():
-        ax.plot(e, c, "-", color=colors[v], label=v)
-    for v, (e, c) in curves(rows, "pos_cos").items():
-        ax.plot(e, c, "--", color=colors[v])
-    ax.set(xlabel="epoch", ylabel="cosine(z, z')", title="Positive (dashed) / negative (solid) cosine",
-           ylim=(-0.05, 1.05))
-    ax = axes[2]
-    for v, (e, loss) in curves(rows, "loss").items():
-        ax.plot(e, loss, "-", color=colors[v], label=v)
+    for ax, col, what in ((axes[1], "pos_cos", "Positive"), (axes[2], "neg_cos", "Negative")):
+        for v, c in seed_curves(rows, col).items():
+            draw_band(ax, c, style[v])
+        ax.set(xlabel="epoch", ylabel=f"cosine(z, z'), {what.lower()} pairs", ylim=(-0.05, 1.05),
+               title=f"{what} cosine (1 = collapse)" if what == "Negative" else f"{what} cosine")
+    ax = axes[3]
+    for v, c in seed_curves(rows, "loss").items():
+        draw_band(ax, c, style[v])
     ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss")
-    if panels == 4:
-        ax = axes[3]
-        for col, ls in zip(lars_cols, ("-", ":")):
-            for v, (e, lr) in curves(rows, col).items():
-                ax.plot(e, lr, ls, color=colors[v], label=f"{v} {col.split(':')[1]}")
+    if panels == 5:
+        ax = axes[4]
+        for col, alpha in zip(lars_cols, (1.0, 0.45)):
+            for v, c in seed_curves(rows, col).items():
+                draw_band(ax, c, style[v], alpha=0.1 * alpha, lw=1.5 * alpha)
         ax.set(xlabel="epoch", ylabel="lr x trust ratio", yscale="log",
-               title="LARS lr: layer1 (solid), projector layer 1 (dotted)")
-        ax.legend(fontsize=6)
-    fig.suptitle(Path(csv_path).name)
-    fig.tight_layout()
-    out = Path(csv_path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
+               title="LARS lr: layer1 (bold), projector layer 1 (thin)")
+    for v in names:
+        handles[v] = Line2D([], [], lw=1.5, ms=4, label=v, **{k: x for k, x in style[v].items() if k != "index"})
+    seeds = len({r["seed"] for r in rows})
+    legend_below(fig, list(handles.values()),
+                 f"lines: mean over {seeds} seeds; bands: lowest to highest seed" if seeds > 1 else "one seed")
+    fig.suptitle(title_of(rows, csv_path))
+    out = save(fig, Path(out_dir) / f"{stem}.png")
     if rows[0].get("exp") == "bn_anatomy":
-        plot_anatomy(csv_path, rows)
+        plot_anatomy(csv_path, rows, out_dir, stem)
+    if rows[0].get("exp") == "table1":
+        plot_table1(csv_path, rows, out_dir, stem)
     return out
+
+
+# The blog's Table 1 (SPEC.md section 1.1: probe accuracy after 10 epochs, STL-10, ResNet-18)
+# and its cosine bars (section 1.2, [fig:cosine_similarity_10e]); random has no cosines.
+BLOG_TABLE1 = {"contrastive": (44.1, 0.90, 0.53), "byol": (57.7, 0.88, 0.27), "proj_bn_only": (55.3, 0.87, 0.265),
+               "pred_bn_only": (48.0, 0.95, 0.73), "no_norm": (28.3, 1.00, 1.00), "layer_norm": (29.4, 1.00, 1.00),
+               "random": (28.8, None, None)}
+
+
+def plot_table1(csv_path, rows, out_dir, stem):
+    """<stem>_vs_blog.png: per Table 1 row, our last epoch (each seed a dot, mean ± std a bar)
+    beside the blog's number (a red cross), for the probe and both cosines. The blog's numbers are
+    STL-10 at 96 px after 10 epochs; ours are whatever preset the CSV holds (its title says)."""
+    names = [v for v in dict.fromkeys(r["variant"] for r in rows)]
+    names = [v for v in BLOG_TABLE1 if v in names] + [v for v in names if v not in BLOG_TABLE1]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(names) + 2.4), sharey=True)
+    for ax, (i, col, label) in zip(axes, ((0, "probe_acc", "linear probe accuracy (%)"),
+                                          (1, "pos_cos", "positive cosine"), (2, "neg_cos", "negative cosine"))):
+        finals = final_values(rows, col)
+        for y, v in enumerate(names):
+            vals = finals.get(v, [])
+            if vals:
+                ax.plot(vals, [y + 0.12] * len(vals), ".", color="C0", alpha=0.5, ms=6)
+                ax.errorbar(mean(vals), y + 0.12, xerr=stdev(vals) if len(vals) > 1 else None, fmt="o",
+                            color="C0", capsize=3, ms=6)
+                ax.text(mean(vals), y + 0.42, f"{mean(vals):.3g}", ha="center", fontsize=7, color="C0")
+            blog = BLOG_TABLE1.get(v, (None,) * 3)[i]
+            if blog is not None:
+                ax.plot(blog, y - 0.12, "X", color="C3", ms=8)
+                ax.text(blog, y - 0.3, f"{blog:g}", ha="center", fontsize=7, color="C3")
+        ax.set(xlabel=label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    seeds = len({r["seed"] for r in rows})
+    epochs = sorted({int(r["epoch"]) for r in last_rows(rows).values()})
+    handles = [Line2D([], [], color="C0", marker="o", ls="", label=f"ours: mean ± std over {seeds} seed(s), "
+                      f"last epoch {max(epochs)} (small dots: each seed)"),
+               Line2D([], [], color="C3", marker="X", ls="", ms=8, label="blog: Table 1 and its cosine "
+                      "figure (STL-10, 96 px, 10 epochs)")]
+    legend_below(fig, handles)
+    fig.suptitle(f"{FINDINGS['table1']}: ours against the blog's   ({Path(csv_path).name})")
+    return save(fig, Path(out_dir) / f"{stem}_vs_blog.png")
 
 
 def final_values(rows, column):
@@ -102,7 +225,7 @@ def final_values(rows, column):
     return out
 
 
-def plot_anatomy(csv_path, rows):
+def plot_anatomy(csv_path, rows, out_dir, stem):
     """exp_bn_anatomy.py's summary: final probe accuracy and negative cosine against the ghost
     BN group size k (every seed a dot, the mean a line), and a bar chart of BN's parts."""
     acc, neg = final_values(rows, "probe_acc"), final_values(rows, "neg_cos")
@@ -140,13 +263,9 @@ def plot_anatomy(csv_path, rows):
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(parts)), parts, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="final probe accuracy (%)", title="BN's parts (dots: seeds; text: negative cosine)")
-    fig.suptitle(Path(csv_path).name)
+    fig.suptitle(f"BN's anatomy: which part of BatchNorm prevents collapse   ({Path(csv_path).name})")
     fig.tight_layout()
-    out = Path(csv_path).with_name(Path(csv_path).stem + "_k_parts.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return out
+    return save(fig, Path(out_dir) / f"{stem}_k_parts.png")
 
 
 NEEDED = ("variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos")
@@ -225,7 +344,7 @@ def recovery(csv_path, steps_per_epoch):
         rs.sort(key=lambda r: int(r["epoch"]))
         wd = rs[0].get("cfg_weight_decay") or ""
         beta = float(rs[0].get("cfg_momentum") or 0.9)
-        lrs = [float(r["lr"]) for r in rs if r["lr"] not in ("", None)]
+        lrs = [float(r["lr"]) for r in rs if r.get("lr") not in ("", None)]
         clock = float(wd) * sum(lrs) * steps_per_epoch if wd else None
         neg = [(int(r["epoch"]), float(r["neg_cos"])) for r in rs if r["neg_cos"] not in ("", None)]
         start = next((e for e, c in neg if c >= 0.999), None)
@@ -255,7 +374,7 @@ def recovery(csv_path, steps_per_epoch):
 DEPTH = ("loss", "pos_gap", "neg_gap", "z_std", "probe_acc", "probe_standardized")
 
 
-def depth_figure(csv_path):
+def depth_figure(csv_path, out_dir):
     """<csv>_depth.png: each variant's last-epoch loss and neg_gap (log scale, one dot a seed),
     beside the blog's floors (D1's loss ~1e-4, D2's ~1e-3)."""
     last = last_rows(read_results(csv_path))
@@ -275,37 +394,246 @@ def depth_figure(csv_path):
     axes[0].invert_yaxis()
     fig.suptitle(f"Depth of collapse: {Path(csv_path).name}")
     fig.tight_layout()
-    out = Path(csv_path).with_name(Path(csv_path).stem + "_depth.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return save(fig, Path(out_dir) / f"{Path(csv_path).stem}_depth.png")
+
+
+# ============================================================ exp_recovery.py: C1, D1, D2
+
+BLOG_STEPS = 131_200   # the blog's schedule: 320 epochs x 410 steps (105k STL-10 images, batch 256)
+BLOG_EPOCHS = 320
+# The blog's readings (SPEC.md section 3, Appendix C and D), as (blog epoch, value).
+# C1's recovered fraction from [fig:accuracy_resnet_batch_norm]'s table, (SGD no-BN-MLP - its epoch 0)
+# / (SGD with-BN-MLP - the same epoch 0), the untrained level being the no-BN run's epoch 0, 28.0 (as
+# ours: each run's own epoch 0): 0.42 at 20, 0.70 at 30, 0.79 at 100, 0.83 at 319.
+BLOG_C1_PROBES = {0: (28.0, 39.4), 10: (30.1, 54.6), 15: (32.5, 58.5), 20: (42.1, 61.5), 30: (54.5, 66.1),
+                  50: (63.6, 72.0), 100: (66.9, 77.3), 200: (70.5, 81.0), 319: (72.1, 81.4)}
+BLOG_C1_FRACTION = [(e, (a - 28.0) / (b - 28.0)) for e, (a, b) in BLOG_C1_PROBES.items() if e > 0]
+# D1 [fig:weight_decay_distance]: negative cosine ~1.0 from epoch 2 to 100, 0.07 at ~140, a
+# rebound to 0.62 at ~165, 0.56 at the end
+BLOG_D1_NEG_COS = [(2, 1.0), (100, 1.0), (140, 0.07), (165, 0.62), (320, 0.56)]
+# D2 [fig:weight_std_distance]: ~1.0 for epochs 0-18, 0.1 at ~20, then peaks and troughs, settling at 0.22
+BLOG_D2_NEG_COS = [(0, 1.0), (18, 1.0), (20, 0.1), (32, 0.39), (55, 0.78), (73, 0.87), (93, 0.44), (115, 0.96),
+                   (135, 0.96), (160, 0.43), (180, 0.0), (200, 0.22), (320, 0.22)]
+BLOG_MARKS = {("c1", "fraction"): BLOG_C1_FRACTION, ("d1", "neg_cos"): BLOG_D1_NEG_COS,
+              ("d2", "neg_cos"): BLOG_D2_NEG_COS}
+FAMILIES = ("c1", "d1", "d2")
+FAMILY_NAMES = {"c1": "C1, BN encoder without BN in the MLPs (SGD)",
+                "d1": "D1, GroupNorm encoder without any BN (SGD + weight decay)",
+                "d2": "D2, GroupNorm + weight standardization without any BN (SGD)"}
+FRACTION_COLUMNS = ["variant", "seed", "epoch", "step", "blog_schedule_fraction", "probe_acc", "untrained_probe",
+                    "healthy_probe", "healthy_seed", "recovered_fraction"]
+
+
+def read_runs(paths):
+    """{(variant, seed): {epoch: row}} from one or more CSVs (an experiment split over several
+    --out folders). The same run in two CSVs must be the same settings; its rows are read once."""
+    runs, hashes = defaultdict(dict), {}
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UsageError(f"{path} is not a results CSV (no column {', '.join(missing)})")
+            for r in reader:
+                if None in r.values():   # a torn line
+                    continue
+                key = (r["variant"], int(r["seed"]))
+                h = hashes.setdefault(key, r.get("cfg_hash", ""))
+                if h != r.get("cfg_hash", ""):
+                    raise UsageError(f"{r['variant']} seed {r['seed']} is in these CSVs under two settings (cfg_hash "
+                                     f"{h} and {r.get('cfg_hash')}); pass CSVs with one setting per run")
+                runs[key][int(r["epoch"])] = r
+    return runs
+
+
+def num(r, col):
+    return float(r[col]) if r is not None and r.get(col) not in (None, "") else None
+
+
+def recovered_fractions(runs, steps_per_epoch):
+    """Rows of FRACTION_COLUMNS: for every run of c1, d1, d2 and their *_all_decay controls, at each
+    epoch where it and its healthy reference have a probe, (probe - untrained) / (healthy - untrained)
+    with untrained = the run's own epoch-0 probe, healthy = the X_healthy run of the same seed, or
+    of seed 0 where that seed has none (healthy_seed says which). Empty where healthy <= untrained."""
+    out = []
+    for (v, seed), by_epoch in sorted(runs.items()):
+        family = v.split("_")[0]
+        if family not in FAMILIES or v == f"{family}_healthy":
+            continue
+        ref_seed = seed if (f"{family}_healthy", seed) in runs else 0
+        healthy = runs.get((f"{family}_healthy", ref_seed))
+        untrained = num(by_epoch.get(0), "probe_acc")
+        if healthy is None or untrained is None:
+            continue
+        for e in sorted(by_epoch):
+            probe, ref = num(by_epoch[e], "probe_acc"), num(healthy.get(e), "probe_acc")
+            if e == 0 or probe is None or ref is None:
+                continue
+            frac = (probe - untrained) / (ref - untrained) if ref > untrained else None
+            out.append(dict(variant=v, seed=seed, epoch=e, step=e * steps_per_epoch,
+                            blog_schedule_fraction=e * steps_per_epoch / BLOG_STEPS, probe_acc=probe,
+                            untrained_probe=untrained, healthy_probe=ref, healthy_seed=ref_seed,
+                            recovered_fraction=frac))
     return out
 
 
+def recovery_figures(paths, out_dir, steps_per_epoch):
+    """<out>/recovery_<family>.png for each of c1, d1, d2 in the CSVs, and <out>/recovery_fraction.csv.
+    Panels: probe, negative cosine, recovered fraction, against the fraction of the blog's 131,200
+    steps; each seed a thin line, the mean over seeds a thick one, the healthy reference in black,
+    the blog's readings (SPEC.md section 3) as red crosses. Returns the paths written."""
+    runs = read_runs(paths)
+    fractions = recovered_fractions(runs, steps_per_epoch)
+    written = []
+    for family in FAMILIES:
+        names = [n for n in (family, f"{family}_all_decay") if any(v == n for v, _ in runs)]
+        if not names:
+            continue
+        # one x range for all three panels, the blog's whole schedule: where our runs stop (the blog's
+        # epoch 100 = 0.31) and where the blog's readings go on
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+        axes[0].set_xlim(0, 1.02)
+        x = lambda e: e * steps_per_epoch / BLOG_STEPS   # noqa: E731
+        handles = []
+        colors = {family: "C0", f"{family}_all_decay": "C1", f"{family}_healthy": "k"}
+        for ax, col in zip(axes[:2], ("probe_acc", "neg_cos")):
+            for v in [*names, f"{family}_healthy"]:
+                seeds = sorted(s for n, s in runs if n == v)
+                per_epoch = defaultdict(list)
+                for s in seeds:
+                    pts = [(e, num(r, col)) for e, r in sorted(runs[(v, s)].items()) if num(r, col) is not None]
+                    ax.plot([x(e) for e, _ in pts], [y for _, y in pts], color=colors[v], lw=0.6, alpha=0.5)
+                    for e, y in pts:
+                        per_epoch[e].append(y)
+                es = sorted(per_epoch)
+                ax.plot([x(e) for e in es], [mean(per_epoch[e]) for e in es], color=colors[v], lw=2,
+                        ls="--" if v.endswith("_healthy") else "-")
+        fr = defaultdict(lambda: defaultdict(list))
+        for r in fractions:
+            if r["variant"] in names and r["recovered_fraction"] is not None:
+                fr[r["variant"]][r["epoch"]].append(r["recovered_fraction"])
+        for v in names:
+            for s in sorted(s for n, s in runs if n == v):
+                pts = [(r["epoch"], r["recovered_fraction"]) for r in fractions
+                       if r["variant"] == v and r["seed"] == s and r["recovered_fraction"] is not None]
+                axes[2].plot([x(e) for e, _ in pts], [f for _, f in pts], color=colors[v], lw=0.6, alpha=0.5)
+            es = sorted(fr[v])
+            axes[2].plot([x(e) for e in es], [mean(fr[v][e]) for e in es], color=colors[v], lw=2)
+        axes[2].axhline(1.0, color="k", ls="--", lw=1.5)   # the healthy run, by definition
+        axes[2].axhline(0.0, color="0.5", ls=":", lw=1)    # the untrained encoder
+        for (fam, what), marks in BLOG_MARKS.items():
+            if fam == family:
+                ax = axes[2] if what == "fraction" else axes[1]
+                ax.plot([e / BLOG_EPOCHS for e, _ in marks], [y for _, y in marks], "X", color="C3", ms=8, ls=":",
+                        lw=0.8)
+        seeds = {v: sorted(s for n, s in runs if n == v) for v in [*names, f"{family}_healthy"]}
+        borrowed = sorted({r["seed"] for r in fractions if r["variant"] in names and r["healthy_seed"] != r["seed"]})
+        ref_note = ("same seed" if not borrowed else
+                    f"seed 0's for seed{'s' * (len(borrowed) > 1)} {', '.join(map(str, borrowed))} (no own healthy run)")
+        for v in names:
+            handles.append(Line2D([], [], color=colors[v], lw=2, label=f"{v}: mean of seeds {seeds[v]} (thin: each)"))
+        if seeds[f"{family}_healthy"]:
+            handles.append(Line2D([], [], color="k", lw=2, ls="--", label=f"{family}_healthy: reference, seeds "
+                                  f"{seeds[f'{family}_healthy']}; fraction uses {ref_note}"))
+        marks = [what for (fam, what) in BLOG_MARKS if fam == family]
+        if marks:
+            handles.append(Line2D([], [], color="C3", marker="X", ls=":", lw=0.8, ms=8,
+                                  label=f"blog's {'recovered fraction' if marks[0] == 'fraction' else 'negative cosine'} "
+                                        f"(SPEC.md section 3; x = blog epoch / 320)"))
+        axes[0].set(ylabel="linear probe accuracy (%)", title="Linear evaluation accuracy")
+        axes[1].set(ylabel="negative cosine (1 = collapse)", title="Negative cosine", ylim=(-0.05, 1.05))
+        axes[2].set(ylabel="(probe - untrained) / (healthy - untrained)", title="Recovered fraction")
+        for ax in axes:
+            ax.set_xlabel(f"fraction of the blog's schedule (step / {BLOG_STEPS:,}; {steps_per_epoch} steps an epoch)")
+        legend_below(fig, handles)
+        fig.suptitle(f"{FINDINGS['recovery']}: {FAMILY_NAMES[family]}")
+        written.append(save(fig, Path(out_dir) / f"recovery_{family}.png"))
+    if fractions:
+        path = Path(out_dir) / "recovery_fraction.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FRACTION_COLUMNS)
+            w.writeheader()
+            w.writerows({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                        for r in fractions)
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+        written.append(path)
+    return written
+
+
+# ==================================================================================== CLI
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but bad input is one 'error:' line (exit 2) as everywhere else, not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_parser():
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csvs", nargs="*", metavar="CSV", help="result CSVs (default: every results/*.csv)")
+    p.add_argument("--out", default=str(Path("runs") / "plots"),
+                   help="folder for the figures and recovery_fraction.csv (default runs/plots/; made if missing)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--table", action="store_true", help="print a markdown table per CSV (last epoch, mean ± std)")
+    mode.add_argument("--recovery", action="store_true",
+                      help="print each CSV's recovery table; for exp_recovery.py CSVs (taken together) also draw "
+                           "recovery_<c1|d1|d2>.png and write recovery_fraction.csv into --out")
+    mode.add_argument("--depth", action="store_true", help="a collapse_depth CSV: its table and <stem>_depth.png")
+    p.add_argument("--steps-per-epoch", type=int, default=78,
+                   help="optimizer steps per epoch of the CSVs' runs (--recovery; default 78: the appendix's "
+                        "cpu and steps presets, 5,000 images at batch 64)")
+    return p
+
+
 def main(argv):
-    if argv[:1] == ["--recovery"]:
-        if len(argv) != 4 or argv[2] != "--steps-per-epoch" or not argv[3].isdigit() or int(argv[3]) < 1:
-            raise ValueError("usage: --recovery CSV --steps-per-epoch N (N >= 1; 78 for the appendix's cpu and steps presets)")
-        print(recovery(argv[1], int(argv[3])))
-        return
-    if argv[:1] == ["--depth"]:
-        if len(argv) != 2:
-            raise ValueError("usage: --depth CSV (a collapse_depth CSV): its table, and <csv>_depth.png")
-        print(table(argv[1], columns=DEPTH))
-        print(f"figure: {depth_figure(argv[1])}")
-        return
-    if argv[:1] == ["--table"]:
-        if len(argv) < 2:
-            raise ValueError("--table needs a CSV")
-        for p in argv[1:]:
-            print(table(p))
-        return
-    paths = argv or sorted(str(p) for p in Path("results").glob("*.csv"))
+    args = get_parser().parse_intermixed_args(argv)
+    if args.steps_per_epoch < 1:
+        raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be >= 1")
+    paths = args.csvs or ([] if args.table or args.recovery or args.depth
+                          else sorted(str(p) for p in Path("results").glob("*.csv")))
     if not paths:
-        raise ValueError("no CSV given and none in results/")
-    for p in paths:
-        if not Path(p).is_file():
-            raise ValueError(f"{p} does not exist")
-        plot(p)
+        raise UsageError("no CSV given" + ("" if args.table or args.recovery or args.depth else " and none in results/"))
+    for path in paths:   # every input checked before anything is written
+        if not Path(path).is_file():
+            raise UsageError(f"{path} does not exist")
+        read_results(path)
+    if args.table:
+        for path in paths:
+            print(table(path))
+        return
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    inputs = {Path(x).resolve() for x in paths}
+    # output names: the CSV's stem, or parent_stem where two inputs share a stem
+    stems = defaultdict(list)
+    for path in paths:
+        stems[Path(path).stem].append(path)
+    names = {path: (Path(path).stem if len(stems[Path(path).stem]) == 1 else f"{Path(path).parent.name}_{Path(path).stem}")
+             for path in paths}
+    planned = ([out / "recovery_fraction.csv"] if args.recovery else
+               [out / f"{Path(x).stem}_depth.png" for x in paths] if args.depth else
+               [out / f"{names[x]}{suffix}.png" for x in paths for suffix in ("", "_vs_blog", "_k_parts")])
+    clash = [str(x) for x in planned if x.resolve() in inputs]
+    if clash:
+        raise UsageError(f"--out {out}: would overwrite the input {clash[0]}; choose another --out")
+    if args.recovery:
+        for path in paths:
+            print(recovery(path, args.steps_per_epoch))
+        recovery_figures(paths, out, args.steps_per_epoch)
+        return
+    if args.depth:
+        for path in paths:
+            print(table(path, columns=DEPTH))
+            print(f"figure: {depth_figure(path, out)}")
+        return
+    for path in paths:
+        plot(path, out, names[path])
 
 
 if __name__ == "__main__":

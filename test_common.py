@@ -5,7 +5,6 @@ import dataclasses
 import math
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 
 import common
+import conftest
 import harness
 
 ROOT = Path(__file__).resolve().parent
@@ -720,7 +720,7 @@ def test_no_avx2_crash_at_a_narrow_width(tmp_path):
     x86 CPU. Before the fix this subprocess died with SIGABRT."""
     (tmp_path / "step.py").write_text(AVX2_STEP)
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(tmp_path / "step.py")], capture_output=True, text=True, timeout=120, env=env)
+    r = conftest.run([sys.executable, str(tmp_path / "step.py")], timeout=120, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert math.isfinite(float(r.stdout.split()[-1]))
 
