@@ -562,6 +562,102 @@ def recovery_figures(paths, out_dir, steps_per_epoch):
     return written
 
 
+COLLAPSE, HELD_COS, FRACTION_MIN, TAIL = 0.999, 0.9, 0.5, 0.2   # the criterion (results/README.md)
+
+
+def recovery_verdicts(runs, steps_per_epoch):
+    """Markdown: each c1/d1/d2 run (controls included) judged by the criterion fixed before the
+    41k-step runs (results/README.md, 'How a verdict is judged'), in every seed through the end of
+    its run. A collapse first (negative cosine >= 0.999 at some epoch); then for c1 (the blog shows
+    accuracy) the recovered fraction against the healthy run at the same epoch is >= 0.5 at the last
+    evaluation and no lower there than at the first evaluation of the last 20% of the run; for d1
+    and d2 (the blog shows cosines) the negative cosine stays <= 0.9 at every epoch of the last 20%
+    and the probe ends >= 5 points above the untrained encoder."""
+    fractions = defaultdict(dict)
+    for r in recovered_fractions(runs, steps_per_epoch):
+        if r["recovered_fraction"] is not None:
+            fractions[(r["variant"], r["seed"])][r["epoch"]] = r["recovered_fraction"]
+    out = ["| run | seed | steps (of the blog's 131,200) | collapsed at | last 20%: highest neg. cos | "
+           "probe: untrained -> last | recovered fraction: start of last 20% -> last | meets the criterion |",
+           "|---" * 8 + "|"]
+    for (v, seed), by_epoch in sorted(runs.items()):
+        family = v.split("_")[0]
+        if family not in FAMILIES or v == f"{family}_healthy":
+            continue
+        end = max(by_epoch)
+        neg = [(e, num(by_epoch[e], "neg_cos")) for e in sorted(by_epoch) if num(by_epoch[e], "neg_cos") is not None]
+        start = next((e for e, c in neg if c >= COLLAPSE), None)
+        tail_neg = max((c for e, c in neg if e >= (1 - TAIL) * end), default=None)
+        probes = [(e, num(by_epoch[e], "probe_acc")) for e in sorted(by_epoch) if num(by_epoch[e], "probe_acc") is not None]
+        untrained, last = probes[0][1], probes[-1][1]
+        fr = sorted((e, f) for e, f in fractions[(v, seed)].items())
+        fr_tail = [(e, f) for e, f in fr if e >= (1 - TAIL) * end]
+        if start is None:
+            ok = "no (never collapsed)"
+        elif family == "c1":
+            ok = ("no healthy reference" if not fr_tail else
+                  "yes" if fr_tail[-1][1] >= FRACTION_MIN and fr_tail[-1][1] >= fr_tail[0][1] else "no")
+        else:
+            ok = "yes" if tail_neg <= HELD_COS and last - untrained >= RISE else "no"
+        frac = f"{fr_tail[0][1]:.2f} -> {fr_tail[-1][1]:.2f}" if fr_tail else "-"
+        steps = end * steps_per_epoch
+        out.append(f"| {v} | {seed} | {steps:,} ({steps / BLOG_STEPS:.0%}) | {start if start is not None else 'never'} | "
+                   f"{tail_neg:.4f} | {untrained:.1f} -> {last:.1f} ({last - untrained:+.1f}) | {frac} | {ok} |")
+    return "\n".join(out)
+
+
+def left_collapse(by_epoch, leave_at=0.99):
+    """The first epoch after the collapse (negative cosine >= 0.999) at which it is back at <= 0.99."""
+    neg = [(e, num(by_epoch[e], "neg_cos")) for e in sorted(by_epoch) if num(by_epoch[e], "neg_cos") is not None]
+    start = next((e for e, c in neg if c >= COLLAPSE), None)
+    return next((e for e, c in neg if start is not None and e > start and c <= leave_at), None)
+
+
+def mechanism_figure(runs, out_dir, name, stage="layer1"):
+    """<out>/<name>_mechanism.png for CSVs with exp_recovery.py's columns: the depth of the collapse
+    (1 - negative cosine), one stage's conv-weight norm |w|, its angle per step against spherical
+    motion dynamics' equilibrium sqrt(2 lr wd / (1 + momentum)) (lr of the run's last epoch, wd
+    from cfg_weight_decay), and the effective rank of z and y. A thin vertical line marks where each
+    run is back at negative cosine <= 0.99 after its collapse."""
+    runs = {k: by for k, by in runs.items() if any(f"angle:{stage}" in r for r in by.values())}
+    if not runs:
+        return None
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(v for v, _ in sorted(runs)))}
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    handles, equilibria = [], {}
+    for (v, seed), by_epoch in sorted(runs.items()):
+        kw = dict(color=colors[v], ls="-" if seed == min(s for n, s in runs if n == v) else "--", lw=1.1)
+        es = sorted(e for e in by_epoch if e > 0)
+        for ax, col in zip(axes, ("neg_gap", f"w_norm:{stage}", f"angle:{stage}", "z_rank")):
+            pts = [(e, num(by_epoch[e], col)) for e in es if num(by_epoch[e], col) is not None]
+            ax.plot([e for e, _ in pts], [y for _, y in pts], **kw)
+        pts = [(e, num(by_epoch[e], "y_rank")) for e in es if num(by_epoch[e], "y_rank") is not None]
+        axes[3].plot([e for e, _ in pts], [y for _, y in pts], **dict(kw, lw=0.8, alpha=0.7, ls=":"))
+        leave = left_collapse(by_epoch)
+        if leave is not None:
+            for ax in axes:
+                ax.axvline(leave, color=colors[v], lw=0.7, alpha=0.5)
+        wd, lr = num(by_epoch[es[-1]], "cfg_weight_decay"), num(by_epoch[es[-1]], "lr")
+        if wd and lr:
+            equilibria[v] = (2 * lr * wd / 1.9) ** 0.5   # momentum 0.9
+        handles.append(Line2D([], [], **kw, label=f"{v} seed {seed}" + (f", back at <= 0.99 at epoch {leave}" if leave else "")))
+    for v, eq in equilibria.items():
+        axes[2].axhline(eq, color=colors[v], ls=":", lw=1)
+    if equilibria:
+        handles.append(Line2D([], [], color="0.3", ls=":", lw=1, label="sqrt(2 lr wd / (1 + momentum)): the angle at "
+                              "equilibrium under decay (Wan et al. 2021)"))
+    handles.append(Line2D([], [], color="0.3", ls=":", lw=0.8, label="effective rank of y, eval mode (dotted)"))
+    titles = ("Depth of the collapse", f"Conv weight norm, {stage}", f"Angle per step, {stage}", "Effective rank: z (solid), y")
+    ylabels = ("1 - negative cosine", "mean |w| over the stage's convs", "radians", "exp(entropy of singular values)")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.set(xlabel="epoch", title=title, ylabel=ylabel)
+        if ax is not axes[3]:
+            ax.set_yscale("log")
+    legend_below(fig, handles)
+    fig.suptitle(f"What moves when a collapse ends ({name})")
+    return save(fig, Path(out_dir) / f"{name}_mechanism.png")
+
+
 # ==================================================================================== CLI
 
 class OneLineParser(argparse.ArgumentParser):
@@ -616,7 +712,7 @@ def main(argv):
         stems[Path(path).stem].append(path)
     names = {path: (Path(path).stem if len(stems[Path(path).stem]) == 1 else f"{Path(path).parent.name}_{Path(path).stem}")
              for path in paths}
-    planned = ([out / "recovery_fraction.csv"] if args.recovery else
+    planned = ([out / "recovery_fraction.csv", out / f"{names[paths[0]]}_mechanism.png"] if args.recovery else
                [out / f"{Path(x).stem}_depth.png" for x in paths] if args.depth else
                [out / f"{names[x]}{suffix}.png" for x in paths for suffix in ("", "_vs_blog", "_k_parts")])
     clash = [str(x) for x in planned if x.resolve() in inputs]
@@ -626,6 +722,9 @@ def main(argv):
         for path in paths:
             print(recovery(path, args.steps_per_epoch))
         recovery_figures(paths, out, args.steps_per_epoch)
+        runs = read_runs(paths)
+        print(recovery_verdicts(runs, args.steps_per_epoch))
+        mechanism_figure(runs, out, names[paths[0]])
         return
     if args.depth:
         for path in paths:

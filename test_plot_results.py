@@ -160,3 +160,32 @@ def test_the_blogs_c1_fractions_are_spec_md_readings():
     """SPEC.md section 3, C1's table: (SGD no-BN-MLP - 28.0) / (SGD BN-MLP - 28.0)."""
     got = {e: round(f, 2) for e, f in plot_results.BLOG_C1_FRACTION}
     assert (got[20], got[30], got[100], got[319]) == (0.42, 0.70, 0.79, 0.83)
+
+
+def _runs(spec):
+    """{(variant, seed): {epoch: row}} as read_runs gives it, from {(variant, seed): [(epoch, probe, neg_cos)]}."""
+    return {key: {e: {"probe_acc": "" if p is None else str(p), "neg_cos": "" if n is None else str(n)}
+                  for e, p, n in pts} for key, pts in spec.items()}
+
+
+def test_recovery_verdicts_follow_the_criterion_seed_by_seed():
+    """c1: collapse, then a recovered fraction >= 0.5 at the end and not below the first one of the last
+    20%; d1: collapse, neg. cos <= 0.9 at every epoch of the last 20%, probe +5. Each way to fail, by hand."""
+    healthy = [(0, 20.0, None), (5, 40.0, 0.3), (8, 40.0, 0.3), (10, 40.0, 0.3)]
+    runs = _runs({
+        ("c1_healthy", 0): healthy,
+        ("c1", 0): [(0, 20.0, None), (2, None, 0.9995), (5, 25.0, 0.95), (8, 30.0, 0.9), (10, 32.0, 0.9)],   # 0.5 -> 0.6
+        ("c1", 1): [(0, 20.0, None), (2, None, 0.9995), (8, 34.0, 0.9), (10, 31.0, 0.9)],   # 0.7 -> 0.55: falls
+        ("c1", 2): [(0, 20.0, None), (2, None, 0.999), (8, 28.0, 0.9), (10, 29.0, 0.9)],   # 0.4 -> 0.45: < 0.5
+        ("c1_all_decay", 0): [(0, 20.0, None), (2, None, 0.998), (8, 35.0, 0.9), (10, 36.0, 0.9)],   # no collapse
+        ("d1", 0): [(0, 15.0, None), (2, None, 0.9999), (7, None, 0.95), (8, None, 0.85), (10, 20.5, 0.8)],
+        ("d1", 1): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.92), (10, 25.0, 0.8)],   # 0.92 in the last 20%
+        ("d1", 2): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.85), (10, 19.0, 0.8)],   # probe +4
+    })
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line
+             for line in plot_results.recovery_verdicts(runs, 78).splitlines()[2:]}
+    verdict = {k: line.rstrip(" |").rsplit("|", 1)[1].strip() for k, line in lines.items()}
+    assert verdict == {("c1", "0"): "yes", ("c1", "1"): "no", ("c1", "2"): "no", ("c1_all_decay", "0"): "no (never collapsed)",
+                       ("d1", "0"): "yes", ("d1", "1"): "no", ("d1", "2"): "no"}
+    assert "0.50 -> 0.60" in lines[("c1", "0")] and "0.70 -> 0.55" in lines[("c1", "1")]
+    assert "780 (1%)" in lines[("c1", "0")] and "+5.5" in lines[("d1", "0")]
