@@ -40,9 +40,10 @@ class Config:
     aug_jitter: tuple = (1.0, 1.0)   # colour-jitter strength: x (0.4, 0.4, 0.4, 0.1), applied w.p. 0.8
     aug_blur: tuple = (0.5, 0.5)     # Gaussian blur probability (BYOL paper: 1.0, 0.1)
     aug_solarize: tuple = (0.0, 0.0)   # solarize probability (BYOL paper: 0.0, 0.2)
-    # encoder f: ResNet-18
+    # encoder f: a ResNet (the blog's ResNet-18)
     stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
+    depth: int = 18                  # 18 or 34: BasicBlocks per stage [2, 2, 2, 2] or [3, 4, 6, 3]
     encoder_norm: str = "bn"         # gn_ws: GroupNorm + weight standardization
     gn_groups: int = 32              # encoder GroupNorm: min(gn_groups, channels) groups. The blog's
                                      # 32 at width 64 is 2-16 channels a group; width w needs w / 2
@@ -487,11 +488,15 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """torchvision's resnet18 layout (fc removed) with a width multiplier, a CIFAR or ImageNet
-    stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
+# BasicBlocks in each of the four stages, by depth (He et al. 2016, Table 1)
+RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
-    def __init__(self, width=64, stem="imagenet", norm="bn", gn_groups=32):
+
+class ResNet(nn.Module):
+    """torchvision's resnet18 / resnet34 layout (fc removed) with a width multiplier, a CIFAR or
+    ImageNet stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
+
+    def __init__(self, width=64, stem="imagenet", norm="bn", gn_groups=32, depth=18):
         super().__init__()
         conv = WSConv2d if norm == "gn_ws" else nn.Conv2d
         kind, norm = norm, (lambda c: norm2d(kind, c, gn_groups))
@@ -504,10 +509,11 @@ class ResNet18(nn.Module):
         self.bn1 = norm(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         cin = width
-        for i, c in enumerate(chans):
+        for i, (c, blocks) in enumerate(zip(chans, RESNET_STAGES[depth])):
             stride = 1 if i == 0 else 2
+            # made in this order, so a ResNet-18 draws its initial weights as it always did
             setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, c, stride, norm, conv),
-                                                         BasicBlock(c, c, 1, norm, conv)))
+                                                         *(BasicBlock(c, c, 1, norm, conv) for _ in range(blocks - 1))))
             cin = c
         self.out_dim = chans[-1]
         for m in self.modules():   # torchvision's init
@@ -643,23 +649,56 @@ class BYOL(nn.Module):
     and g, no gradient). The two views go through each network in separate calls, as the blog's
     code and DeepMind's do: each view is its own BatchNorm batch, and BN batch composition is the
     object of study. forward() has no side effects: the EMA and the queue update are explicit
-    calls in the training loop."""
+    calls in the training loop (train_step).
+
+    forward(v1, v2) returns a dict, the one contract train_byol reads (a subclass keeps it):
+      loss      scalar tensor, the objective to minimize (with gradient into the online network)
+      z         the online projections z of view v, (n, d), detached (metrics_fn reads it)
+      new_keys  the l2-normalized target projections z' of view v', (n, d), no gradient: what the
+                contrastive objective enqueues after the step
+      pos_cos, neg_cos, z_std, pos_gap, neg_gap   scalar tensors, no gradient (collapse_stats)
+
+    Extension points, for a subclass passed as a variant's model_fn (the ablation_*.py examples):
+      build_encoder(cfg)        the online encoder f: a module with out_dim (default: the ResNet of
+                                cfg.width, stem, encoder_norm, gn_groups and depth)
+      loss(p1, p2, t1, t2)      the objective (ablation_one_sided_loss.py)
+      EMA_PAIRS                 (target attribute, online attribute) pairs: __init__ makes each
+                                target a deep copy of its online module without gradient, and
+                                train_step moves each towards it with rate tau; add
+                                ("target_predictor", "predictor") for a target predictor
+                                (ablation_target_predictor.py)
+      online(v) -> (z, p), target(v) -> z'   one view through each network
+    With tau 0 at every step (base_tau 0, constant: SimSiam's stop-gradient), the target is the
+    online network itself, so forward uses the online projections, detached, instead of a second
+    forward of equal weights: the same numbers (test_simsiam_skips_the_target_with_the_same_numbers).
+    A subclass that overrides online() or target() always runs the target."""
+
+    EMA_PAIRS = (("target_encoder", "online_encoder"), ("target_projector", "online_projector"))
 
     def __init__(self, cfg):
         super().__init__()
-        self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm, cfg.gn_groups)
+        self.online_encoder = self.build_encoder(cfg)
         y_dim = self.online_encoder.out_dim
         z_dim = cfg.proj_dim if cfg.proj_layers else y_dim   # no projector: z = y
         self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, z_dim, cfg.proj_norm, cfg.mlp_bn_group,
                                           cfg.proj_layers, cfg.proj_out_norm)
         self.predictor = build_mlp(z_dim, cfg.mlp_hidden_dim, z_dim, cfg.pred_norm, cfg.mlp_bn_group, cfg.pred_layers)
-        self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
+        for target, online in self.EMA_PAIRS:   # the target network: copies without gradient
+            setattr(self, target, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        # tau 0 at every step: ema_update_ copies the online weights and buffers exactly (lerp
+        # with weight 1 is `online - 0 * diff`), so target(v) would equal online(v)'s z bit for bit
+        self.target_is_online = (cfg.base_tau == 0 and cfg.tau_schedule == "constant"
+                                 and type(self).online is BYOL.online and type(self).target is BYOL.target)
         self.objective, self.temperature, self.loss_form = cfg.objective, cfg.temperature, cfg.loss_form
         if cfg.objective == "contrastive":
             # memory bank of target projections z' (MoCo): random unit vectors at first
             self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def build_encoder(self, cfg):
+        """The online encoder f; the target's is its deep copy. Any module with out_dim (the
+        size of y) will do."""
+        return ResNet(cfg.width, cfg.stem, cfg.encoder_norm, cfg.gn_groups, cfg.depth)
 
     def online(self, v):
         y = self.online_encoder(v)
@@ -674,24 +713,32 @@ class BYOL(nn.Module):
             return self.target_projector(y.float())
 
     def forward(self, v1, v2):
-        """Returns the loss and detached diagnostics. Under bf16 autocast only the encoders run in
+        """The contract is in the class docstring. Under bf16 autocast only the encoders run in
         bf16: the projector, predictor, loss and cosines are fp32, since in deep collapse the
         cosines differ from 1 by ~1e-7 and bf16 rounding would scramble the gradient's direction."""
         z1, p1 = self.online(v1)
         z2, p2 = self.online(v2)
-        t1, t2 = self.target(v1), self.target(v2)
+        if self.target_is_online:   # SimSiam: the stop-gradient of the online projections
+            t1, t2 = z1.detach(), z2.detach()
+        else:
+            t1, t2 = self.target(v1), self.target(v2)
         with torch.autocast(v1.device.type, enabled=False):   # no bf16 matmuls from here on
             p1, p2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (p1, p2, t1, t2))
-            if self.objective == "byol":
-                # blog: mean(1 - cos(q, z')) per view order, summed over both orders
-                # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
-                if self.loss_form == "cos":
-                    loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
-                else:   # the same number, and gradients, without fp32's cancellation of 1 - cos near 1
-                    loss = 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
-            else:
-                loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
+            loss = self.loss(p1, p2, t1, t2)
             return dict(loss=loss, new_keys=t2, z=z1.detach(), **collapse_stats(z1, z2, t1, t2))
+
+    def loss(self, p1, p2, t1, t2):
+        """The objective. p1, p2: the online predictions q(z) of views v and v'; t1, t2: the target
+        projections z' of v and v' (no gradient); each (n, d), l2-normalized, fp32. byol: the
+        blog's mean(1 - cos(q, z')) per view order, summed over both orders (= half the BYOL
+        paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same); contrastive: InfoNCE
+        against the queue, both orders."""
+        if self.objective == "contrastive":
+            return self.info_nce(p1, t2) + self.info_nce(p2, t1)
+        if self.loss_form == "cos":
+            return (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+        # sqdist: the same number, and gradients, without fp32's cancellation of 1 - cos near 1
+        return 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
 
     def info_nce(self, q, k):
         """Cross-entropy of the positive q.k against q.queue (negatives), temperature T."""
@@ -910,14 +957,15 @@ def fp32_math(enabled=True):
 
 def train_step(model, step_fn, opt, v1, v2, tau, amp):
     """One BYOL step: forward both views (step_fn = model, or its compiled version), backward,
-    optimizer step, then the target EMA with rate tau and, for the contrastive loss, the queue."""
+    optimizer step, then the target EMA with rate tau (every pair of model.EMA_PAIRS) and, for the
+    contrastive loss, the queue."""
     with torch.autocast(v1.device.type, dtype=torch.bfloat16, enabled=amp):
         out = step_fn(v1, v2)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     opt.step()
-    ema_update_(model.target_encoder, model.online_encoder, tau)
-    ema_update_(model.target_projector, model.online_projector, tau)
+    for target, online in model.EMA_PAIRS:   # BYOL: the encoder and projector; a subclass may add more
+        ema_update_(getattr(model, target), getattr(model, online), tau)
     if model.objective == "contrastive":
         model.enqueue_(harness.all_gather_cat(out["new_keys"]))   # every rank's keys, as one process would
     return out
@@ -949,8 +997,10 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     harness.CHECKPOINT_EVERY_S, is saved there, and a run that finds a checkpoint of the same
     config continues from it (rows before it are passed to on_epoch again), giving the same
     numbers as an uninterrupted run.
-    Your own pieces, without editing this file: model_fn(cfg) -> a module with BYOL's attributes
-    and forward (default BYOL); groups_fn(model, cfg) -> optimizer parameter groups (default
+    Your own pieces, without editing this file: model_fn(cfg) -> the model (default BYOL): a
+    subclass of BYOL overriding its extension points (its own loss, encoder, or more EMA twins
+    such as a target predictor: see BYOL's docstring, which also gives forward's contract);
+    groups_fn(model, cfg) -> optimizer parameter groups (default
     param_groups; a group may carry lr_mult and label, see param_groups); metrics_fn(model, views,
     out) -> {column: value}, called once an epoch with the epoch's last views and the model's
     outputs on them (out["z"]: the online projections of v), adds its columns to the row (no extra

@@ -55,6 +55,8 @@ def check_config(cfg):
     for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.depth not in common.RESNET_STAGES:
+        raise UsageError(f"depth must be one of {', '.join(map(str, common.RESNET_STAGES))}, got {cfg.depth}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
         raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
     for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers",
@@ -438,7 +440,8 @@ def build_configs(args, presets, variants, extra_variants=None):
 
 # Config fields added after the committed results/ were made, with their defaults (config_hash)
 LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all", proj_out_norm="none",
-                    aug_crop_scale=(0.2, 0.2), aug_jitter=(1.0, 1.0), aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0))
+                    aug_crop_scale=(0.2, 0.2), aug_jitter=(1.0, 1.0), aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0),
+                    depth=18)
 
 # A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
 HOOKS = ("model_fn", "groups_fn", "metrics_fn")
