@@ -463,7 +463,8 @@ LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all", proj_out_
 
 # A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
 HOOKS = ("model_fn", "groups_fn", "metrics_fn")
-HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
+HOOK_SIGNATURES = {"model_fn": "(cfg) -> a common.BYOL subclass (its extension points: loss, EMA_PAIRS, "
+                               "build_encoder, target; see its docstring)",
                    "groups_fn": "(model, cfg) -> optimizer parameter groups",
                    "metrics_fn": "(model, views, out) -> {column: value} once an epoch (name its columns in "
                                  "extra_columns)"}
