@@ -338,6 +338,10 @@ def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     r = _run([str(ROOT / "merge_results.py"), str(a), str(torn), "--out", str(tmp_path / "t.csv")], tmp_path)
     assert r.returncode == 0 and "torn" in r.stderr
     assert sorted(r["seed"] for r in _rows(tmp_path / "t.csv")) == ["0", "1", "2"]
+    older = tmp_path / "older.csv"                     # the same numbers from other library code: one run
+    harness.rewrite_rows(older, list(_rows(a)[0]), [dict(r, lib_hash="0" * 12) for r in _rows(a)])
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(older), "--out", str(tmp_path / "o.csv")], tmp_path)
+    assert r.returncode == 0 and len(_rows(tmp_path / "o.csv")) == len(_rows(a)), r.stderr
     bad = tmp_path / "bad.csv"
     lines = a.read_text().splitlines()
     cells = lines[1].split(",")
