@@ -1005,8 +1005,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     out) -> {column: value}, called once an epoch with the epoch's last views and the model's
     outputs on them (out["z"]: the online projections of v), adds its columns to the row (no extra
     forward: BN's running statistics stay as training left them). model_fn builds both
-    networks: BYOL.__init__ deep-copies the online encoder and projector into the target, so
-    a change to the online projector made after that must be made to the target too. The loop
+    networks: BYOL.__init__ deep-copies each online module of EMA_PAIRS into its target twin, so
+    a change to an online module made after that must be made to its twin too. The loop
     puts the model in train mode every epoch and the probe's encoder in eval mode."""
     harness.check_config(cfg)
     set_seed(cfg.seed)
