@@ -146,10 +146,10 @@ def section_rerun(args, device, data):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "run.pt"
         try:
-            common.train_byol(cfg, data=synthetic, checkpoint=ckpt, on_epoch=stop_after_epoch_1)
+            common.train_byol(cfg, data=synthetic, checkpoint=harness.Checkpoints(ckpt), on_epoch=stop_after_epoch_1)
         except Stop:
             pass
-        resumed = common.train_byol(cfg, data=synthetic, checkpoint=ckpt)
+        resumed = common.train_byol(cfg, data=synthetic, checkpoint=harness.Checkpoints(ckpt))
     cont = resumed[-1]["loss"] == a[-1]["loss"]
     return [f"same seed twice: {'identical rows' if same else f'rows differ (largest relative loss difference {diff:.2g})'}",
             f"resumed from a checkpoint after epoch 1: {'the uninterrupted numbers' if cont else 'numbers differ'} "
@@ -190,7 +190,7 @@ def main(argv=None):
     try:
         if args.quick:
             raise harness.UsageError("--quick: synthetic images")
-        data = dict(dict=common.load_dataset("cifar10", args.data_dir), real=True,
+        data = dict(dict=harness.load_data("cifar10", args.data_dir), real=True,
                     source=str(harness.find_dataset("cifar10", args.data_dir)))
     except harness.UsageError:
         data = dict(dict=common.make_synthetic(n_train=1024 if args.quick else 50000, n_test=512 if args.quick else 10000),

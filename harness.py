@@ -22,9 +22,9 @@ library edit would redo hours of CPU grids for each refactor and leave LATER_FIE
 the line keeps it visible. Rows written before code was hashed carry a settings-only cfg_hash
 (the committed results/), so a rerun trains them again once.
 
-common.py calls it in one-line calls
-(check_config, get_device, the torchrun helpers, checkpoints); the two modules import each other by
-module reference only, so neither needs the other at import time.
+This module imports common.py, never the other way: it prepares what common.train_byol needs (a config checked by
+check_config, the device by run_device, the data by load_data, the process group by
+process_group, a checkpoint store, Checkpoints) and hands it over.
 """
 import argparse
 import ast
@@ -55,8 +55,7 @@ import common
 # ============================================================================ validation
 
 
-class UsageError(Exception):
-    """Bad input: the scripts print it as one line and exit with code 2."""
+UsageError = common.UsageError   # bad input: main prints it as one line and exits with code 2
 
 
 def check_config(cfg):
@@ -118,26 +117,7 @@ def check_config(cfg):
 # ================================================================================ device
 
 
-def get_device(name="auto"):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise UsageError(f"--device {name!r}: {e}") from None
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UsageError(f"--device {name}: MPS is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+get_device = common.get_device   # auto: cuda, mps, cpu; a named one is checked to exist
 
 
 # ================================================================ several processes (torchrun)
@@ -225,6 +205,31 @@ def mean_over_ranks(t):
         t /= world()[1]
     return t
 
+
+class Torchrun(common.OneProcess):
+    """train_byol's process group under torchrun: this rank of the process group, with
+    common.OneProcess's interface (its share of each batch is the same formula)."""
+
+    def __init__(self):
+        self.rank, self.size = world()
+
+    def wrap(self, model, device):
+        return ddp(model, device)
+
+    def sync_bn(self, model):
+        return convert_sync_bn(model)
+
+    def mean(self, t):
+        return mean_over_ranks(t)
+
+    def gather(self, t):
+        return all_gather_cat(t)
+
+
+def process_group():
+    """What train_byol's world is: Torchrun under torchrun, else common.ONE_PROCESS."""
+    return Torchrun() if world()[1] > 1 else common.ONE_PROCESS
+
 # ================================================================================ data on disk
 
 CIFAR_DIR, STL_DIR = "cifar-10-batches-py", "stl10_binary"
@@ -272,6 +277,11 @@ def find_dataset(name, data_dir="", download=False):
     raise UsageError(f"{name} not found (need {sub}/ with {', '.join(files)}); looked in {looked}. "
                      f"Pass --data-dir DIR, set BYOL_DATA, or add --download")
 
+
+def load_data(name, data_dir="", download=False):
+    """common.load_dataset of dataset `name`, found on disk by find_dataset (synthetic: made)."""
+    return common.load_dataset(name, None if name == "synthetic" else find_dataset(name, data_dir, download))
+
 # ============================================================================= checkpoints
 
 
@@ -312,17 +322,22 @@ def load_checkpoint(path, cfg):
         return None
 
 
-def restore(saved, model, opt, gen, on_epoch=None):
-    """Loads a checkpoint's state into the run; returns (rows so far, step). The rows before it are
-    passed to on_epoch again, as if the run had not stopped."""
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    gen.set_state(saved["gen"])
-    print(f"  resuming from the checkpoint after epoch {saved['rows'][-1]['epoch']}")
-    for row in saved["rows"]:
-        if on_epoch:
-            on_epoch(row)
-    return saved["rows"], saved["step"]
+class Checkpoints:
+    """train_byol's checkpoint store: the file path, written by save_checkpoint (rank 0) and read
+    by load_checkpoint, every CHECKPOINT_EVERY_S at most after epoch 1 (train_byol)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @property
+    def every_s(self):
+        return CHECKPOINT_EVERY_S
+
+    def load(self, cfg):
+        return load_checkpoint(self.path, cfg)
+
+    def save(self, cfg, model, opt, gen, rows, step):
+        save_checkpoint(self.path, cfg, model, opt, gen, rows, step)
 
 
 def _resumable(cfg):
@@ -785,7 +800,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         if len(done) < len(wanted):
             if n_ranks > 1 and args.download and rank > 0:
                 dist.barrier()   # rank 0 downloads first
-            data = common.load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+            data = load_data(next(iter(configs.values())).dataset, args.data_dir, args.download)
             if n_ranks > 1 and args.download and rank == 0:
                 dist.barrier()
         for seed in seeds:
@@ -818,7 +833,8 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                     if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
                         save_run(path, header, buffer, replace=args.fresh)
                 ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
-                rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt, **hooks[name])
+                rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=Checkpoints(ckpt),
+                                         device=run_device(cfg), world=process_group(), **hooks[name])
                 if rank == 0:
                     if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
                         save_run(path, header, buffer, replace=args.fresh)

@@ -1,6 +1,7 @@
 """Tests of the research code, common.py: networks, loss, EMA, LARS, augmentations, probe, data
 loaders, the training loop. CPU only (conftest.py hides GPUs), no downloads:
 pytest -q test_common.py test_harness.py"""
+import ast
 import dataclasses
 import math
 import os
@@ -751,16 +752,16 @@ def _write_cifar(folder, n=20):
 
 def test_cifar_loader_and_errors(tmp_path):
     _write_cifar(tmp_path / harness.CIFAR_DIR)
-    d = common.load_dataset("cifar10", str(tmp_path))
+    d = harness.load_data("cifar10", str(tmp_path))
     assert d["train_x"].shape == (100, 3, 32, 32) and d["train_x"].dtype == torch.uint8
     assert d["test_x"].shape == (20, 3, 32, 32) and d["test_y"].dtype == torch.int64
     raw = pickle.load(open(tmp_path / harness.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
     assert d["train_x"][0, 1, 0, 0] == raw[b"data"][0, 1024]     # planar R, G, B
     with pytest.raises(harness.UsageError, match="looked in"):
-        common.load_dataset("cifar10", str(tmp_path / "nowhere"))
+        harness.load_data("cifar10", str(tmp_path / "nowhere"))
     (tmp_path / harness.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
     with pytest.raises(harness.UsageError, match="unreadable"):
-        common.load_dataset("cifar10", str(tmp_path))
+        harness.load_data("cifar10", str(tmp_path))
 
 
 def test_stl10_loader_reads_the_binary_layout(tmp_path):
@@ -774,14 +775,14 @@ def test_stl10_loader_reads_the_binary_layout(tmp_path):
         x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
     for split, n in (("train", 4), ("test", 6)):
         np.arange(1, n + 1, dtype=np.uint8).tofile(folder / f"{split}_y.bin")
-    d = common.load_dataset("stl10", str(tmp_path))
+    d = harness.load_data("stl10", str(tmp_path))
     assert d["pretrain_x"].shape == (7, 3, 96, 96)
     assert torch.equal(d["test_x"], torch.from_numpy(images["test"]))
     assert torch.equal(d["pretrain_x"][4:], torch.from_numpy(images["unlabeled"]))
     assert d["train_y"].tolist() == [0, 1, 2, 3]                 # 1..10 on disk -> 0..9
     (folder / "test_X.bin").write_bytes(b"\x00" * 1000)
     with pytest.raises(harness.UsageError, match="whole number"):
-        common.load_dataset("stl10", str(tmp_path))
+        harness.load_data("stl10", str(tmp_path))
 
 
 # ------------------------------------------------------------------- training loop
@@ -798,6 +799,23 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
     assert a == b
     assert a[-1]["loss"] != c[-1]["loss"]
     assert [r["epoch"] for r in a] == [0, 1] and a[0]["loss"] is None and a[1]["probe_acc"] is not None
+
+
+def test_the_research_code_stands_on_its_own():
+    """common.py imports no module of the repo, and train_byol runs from a Config alone, as in a
+    notebook: one process, no checkpoint, the synthetic data made, the device picked, the harness
+    never imported. (The same call at the default width, Config(dataset="synthetic", epochs=1),
+    takes minutes on 2 cores; this one is narrower.)"""
+    tree = ast.parse((ROOT / "common.py").read_text())
+    imported = ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+    assert imported and not imported & {p.stem for p in ROOT.glob("*.py")}
+    code = ("import sys\nfrom common import Config, train_byol\n"
+            "rows = train_byol(Config(dataset='synthetic', epochs=1, width=4, mlp_hidden_dim=32, proj_dim=16, "
+            "batch_size=64))\nprint([r['epoch'] for r in rows], rows[-1]['probe_acc'] > 0, 'harness' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-2] == "[0, 1] True False"
 
 
 AVX2_STEP = """
@@ -915,5 +933,5 @@ def test_checkpoints_after_the_first_epoch_then_at_most_every_interval(monkeypat
     for every, expected in ((1e9, [0, 1]), (0, [0, 1, 2, 3])):
         saved.clear()
         monkeypatch.setattr(harness, "CHECKPOINT_EVERY_S", every)
-        common.train_byol(cfg, data=data, checkpoint=tmp_path / "c.pt")
+        common.train_byol(cfg, data=data, checkpoint=harness.Checkpoints(tmp_path / "c.pt"))
         assert saved == expected

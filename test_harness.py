@@ -193,7 +193,7 @@ def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path,
     ckpt = tmp_path / "run.pt"
     ckpt.write_bytes(b"PK\x03\x04 truncated")
     cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
-    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=ckpt)
+    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=harness.Checkpoints(ckpt))
     assert [r["epoch"] for r in rows] == [0, 1]
     assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
 
@@ -281,7 +281,7 @@ def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
     # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
     monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != folder)
     with pytest.raises(harness.UsageError, match="permission denied"):
-        common.load_dataset("cifar10", str(tmp_path))
+        harness.load_data("cifar10", str(tmp_path))
 
 
 def test_diverged_run_stops_and_is_recorded(tmp_path):
