@@ -1087,7 +1087,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
     data = data or load_dataset(cfg.dataset)
     if cfg.image_size > data["pretrain_x"].shape[-1]:
         raise UsageError(f"image_size={cfg.image_size} is larger than the {cfg.dataset} images "
-                                 f"({data['pretrain_x'].shape[-1]} px): it only downsamples")
+                         f"({data['pretrain_x'].shape[-1]} px): it only downsamples")
     if cfg.image_size:
         data = resize_images(data, cfg.image_size)
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
@@ -1147,7 +1147,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         means = dict(zip(STATS, (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * len(STATS)))
         diverged = means["loss"] is not None and not math.isfinite(means["loss"])
         evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and world.rank == 0 else {}
+        probe = evaluate and not diverged and world.rank == 0   # rank 0 alone evaluates
+        acc = linear_probe(model.online_encoder, data, cfg, device) if probe else {}
         row = dict(epoch=epoch, loss=means["loss"], probe_acc=acc.get(cfg.probe_fit), pos_cos=means["pos_cos"],
                    neg_cos=means["neg_cos"], z_std=means["z_std"], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
                    probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"),

@@ -22,9 +22,9 @@ library edit would redo hours of CPU grids for each refactor and leave LATER_FIE
 the line keeps it visible. Rows written before code was hashed carry a settings-only cfg_hash
 (the committed results/), so a rerun trains them again once.
 
-This module imports common.py, never the other way: it prepares what common.train_byol needs (a config checked by
-check_config, the device by run_device, the data by load_data, the process group by
-process_group, a checkpoint store, Checkpoints) and hands it over.
+This module imports common.py, never the other way: it prepares what common.train_byol needs
+(a config checked by check_config, the device by run_device, the data by load_data, the process
+group by process_group, a checkpoint store, Checkpoints) and hands it over.
 """
 import argparse
 import ast

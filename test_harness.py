@@ -662,13 +662,14 @@ def test_an_edit_anywhere_in_the_script_retrains(tmp_path):
     rows = _rows(path)
     harness.rewrite_rows(path, list(rows[0]), [dict(r, lib_hash="0" * 12) for r in rows])   # as if older library code
     old_lib = run('"""a copied script: a', '"""A copied script (edited docstring): a')   # and a docstring edit
-    assert "reused 1 finished run(s)" in old_lib and "1 of the reused run(s) were trained by other library code" in old_lib
+    assert "reused 1 finished run(s)" in old_lib
+    assert "1 of the reused run(s) were trained by other library code" in old_lib
     run("# one term", "# (an edited comment) one term")
     assert "reused 1" in run()
+    twin = 'EMA_PAIRS = common.BYOL.EMA_PAIRS + (("target_predictor", "predictor"),)'
     for old, new in [("LOSS_SCALE = 2.0", "LOSS_SCALE = 1.0"),                               # a module constant
                      ("return LOSS_SCALE * x", "return LOSS_SCALE * x * 1.5"),                # a helper the hook calls
-                     ("EMA_PAIRS = common.BYOL.EMA_PAIRS", 'EMA_PAIRS = common.BYOL.EMA_PAIRS + (("target_predictor", "predictor"),)'),
-                     # ... a base class
+                     ("EMA_PAIRS = common.BYOL.EMA_PAIRS", twin),                             # a base class
                      ("_library_ema(target, online, tau)", "_library_ema(target, online, max(tau, 0.5))")]:   # a patch
         out = run(old, new)
         assert "reused" not in out and "epoch   1" in out and "these train anew" in out, old
