@@ -8,6 +8,10 @@ Names follow the BYOL paper (Grill et al. 2020): online network (encoder f, proj
 predictor q), target network (EMA of f and g with rate tau), views v and v', online
 projection z, target projection z'. Settings are cited from docs/SPEC.md. The run harness
 (command line, CSV, checkpoints, torchrun, validation) is harness.py; it never changes a number.
+This module imports nothing of the repo: the harness prepares what a run needs (a validated
+config, the device, the data, the process group, a checkpoint store) and hands it to
+train_byol, whose defaults are one process without checkpoints, so that
+`train_byol(Config(dataset="synthetic", epochs=1))` runs as it is, in a notebook too.
 """
 import contextlib
 import copy
@@ -17,15 +21,19 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import harness
-
 # ============================================================================ config
+
+
+class UsageError(Exception):
+    """Bad input: a value or a file that can never make a valid run. The scripts print it as one
+    line and exit with code 2 (harness.main)."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +48,10 @@ class Config:
     aug_jitter: tuple = (1.0, 1.0)   # colour-jitter strength: x (0.4, 0.4, 0.4, 0.1), applied w.p. 0.8
     aug_blur: tuple = (0.5, 0.5)     # Gaussian blur probability (BYOL paper: 1.0, 0.1)
     aug_solarize: tuple = (0.0, 0.0)   # solarize probability (BYOL paper: 0.0, 0.2)
-    # encoder f: ResNet-18
+    # encoder f: a ResNet (the blog's ResNet-18)
     stem: str = "cifar"              # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 conv + maxpool
     width: int = 64                  # channels of stage 1; 64 = standard ResNet-18 (512-d y)
+    depth: int = 18                  # 18 or 34: BasicBlocks per stage [2, 2, 2, 2] or [3, 4, 6, 3]
     encoder_norm: str = "bn"         # gn_ws: GroupNorm + weight standardization
     gn_groups: int = 32              # encoder GroupNorm: min(gn_groups, channels) groups. The blog's
                                      # 32 at width 64 is 2-16 channels a group; width w needs w / 2
@@ -170,6 +179,57 @@ LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_sched
 BYOL_AUG = dict(aug_crop_scale=0.08, aug_blur=(1.0, 0.1), aug_solarize=(0.0, 0.2))
 
 
+# ============================================================================== device
+
+
+def get_device(name="auto"):
+    """auto: cuda, else mps, else cpu; or the named device, checked to exist here."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UsageError(f"--device {name!r}: {e}") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class OneProcess:
+    """The process group train_byol runs in, by default: one process, rank 0 of 1, where every
+    method leaves its argument as it is. harness.Torchrun is the same interface over torchrun's
+    ranks (DDP, the rank's slice of each batch, means and gathers over ranks)."""
+    rank, size = 0, 1
+
+    def wrap(self, model, device):   # DistributedDataParallel under torchrun
+        return model
+
+    def sync_bn(self, model):   # nn.SyncBatchNorm under torchrun with --sync-bn
+        return model
+
+    def share(self, batch_size):   # the slice of every batch this process trains on
+        return slice(self.rank * batch_size // self.size, (self.rank + 1) * batch_size // self.size)
+
+    def mean(self, t):   # t averaged over ranks
+        return t
+
+    def gather(self, t):   # t of every rank, concatenated in rank order
+        return t
+
+
+ONE_PROCESS = OneProcess()
+
+
 # ================================================================================ data
 # Images stay uint8 tensors on the training device; views are made there (augmentations below).
 
@@ -179,13 +239,16 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 
 
-def load_dataset(name, data_dir="", download=False):
-    """uint8 image tensors (N, 3, H, W) and int64 labels: pretrain_x, train_x/y, test_x/y. Where
-    the files are looked for (and --download): harness.find_dataset."""
+def load_dataset(name, folder=None):
+    """uint8 image tensors (N, 3, H, W) and int64 labels: pretrain_x, train_x/y, test_x/y, read
+    from the dataset's folder (cifar-10-batches-py/ or stl10_binary/; harness.load_data finds it
+    on disk, or downloads it). synthetic needs none: make_synthetic()."""
     if name == "synthetic":
         return make_synthetic()
-    folder = harness.find_dataset(name, data_dir, download)
-    return (load_cifar10 if name == "cifar10" else load_stl10)(folder)
+    if folder is None:
+        raise UsageError(f"{name}: give its folder, or load it with harness.load_data({name!r}, data_dir), "
+                         f"which looks in --data-dir, $BYOL_DATA, ./data and ../shared/data")
+    return (load_cifar10 if name == "cifar10" else load_stl10)(Path(folder))
 
 
 def _unpickle(path):
@@ -193,7 +256,7 @@ def _unpickle(path):
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
     except Exception as e:  # truncated or not a pickle
-        raise harness.UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it and "
+        raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it and "
                          f"download CIFAR-10 again (--download)") from None
 
 
@@ -205,7 +268,7 @@ def load_cifar10(folder):
             d = _unpickle(folder / name)
             x = np.asarray(d.get(b"data", []), dtype=np.uint8)
             if x.ndim != 2 or x.shape[1] != 3072 or len(d.get(b"labels", [])) != len(x):
-                raise harness.UsageError(f"{folder / name} is not a CIFAR-10 batch (data shape {x.shape})")
+                raise UsageError(f"{folder / name} is not a CIFAR-10 batch (data shape {x.shape})")
             xs.append(x.reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[b"labels"], dtype=np.int64))
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -217,7 +280,7 @@ def load_cifar10(folder):
 def _read_stl(path, images):
     n_bytes = path.stat().st_size
     if images and n_bytes % (3 * 96 * 96):
-        raise harness.UsageError(f"{path}: {n_bytes} bytes is not a whole number of 96x96 RGB images")
+        raise UsageError(f"{path}: {n_bytes} bytes is not a whole number of 96x96 RGB images")
     a = np.fromfile(path, dtype=np.uint8)
     if not images:
         return torch.from_numpy(a.astype(np.int64) - 1)  # labels are stored as 1..10
@@ -233,7 +296,7 @@ def load_stl10(folder):
              test_x=_read_stl(folder / "test_X.bin", True), test_y=_read_stl(folder / "test_y.bin", False))
     for split in ("train", "test"):
         if len(d[f"{split}_x"]) != len(d[f"{split}_y"]):
-            raise harness.UsageError(f"{folder}: {split}_X.bin and {split}_y.bin hold different counts")
+            raise UsageError(f"{folder}: {split}_X.bin and {split}_y.bin hold different counts")
     return d
 
 
@@ -487,11 +550,15 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """torchvision's resnet18 layout (fc removed) with a width multiplier, a CIFAR or ImageNet
-    stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
+# BasicBlocks in each of the four stages, by depth (He et al. 2016, Table 1)
+RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
-    def __init__(self, width=64, stem="imagenet", norm="bn", gn_groups=32):
+
+class ResNet(nn.Module):
+    """torchvision's resnet18 / resnet34 layout (fc removed) with a width multiplier, a CIFAR or
+    ImageNet stem, and a selectable norm. Output: the pooled representation y, 8 * width dims."""
+
+    def __init__(self, width=64, stem="imagenet", norm="bn", gn_groups=32, depth=18):
         super().__init__()
         conv = WSConv2d if norm == "gn_ws" else nn.Conv2d
         kind, norm = norm, (lambda c: norm2d(kind, c, gn_groups))
@@ -504,10 +571,11 @@ class ResNet18(nn.Module):
         self.bn1 = norm(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         cin = width
-        for i, c in enumerate(chans):
+        for i, (c, blocks) in enumerate(zip(chans, RESNET_STAGES[depth])):
             stride = 1 if i == 0 else 2
+            # made in this order, so a ResNet-18 draws its initial weights as it always did
             setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, c, stride, norm, conv),
-                                                         BasicBlock(c, c, 1, norm, conv)))
+                                                         *(BasicBlock(c, c, 1, norm, conv) for _ in range(blocks - 1))))
             cin = c
         self.out_dim = chans[-1]
         for m in self.modules():   # torchvision's init
@@ -602,7 +670,7 @@ CHOICES.update(proj_norm=MLP_NORMS, pred_norm=MLP_NORMS, proj_out_norm=MLP_NORMS
 
 def mlp_norm(kind, dim, bn_group=0):
     if kind not in MLP_NORMS:
-        raise harness.UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
+        raise UsageError(f"unknown MLP norm {kind!r}; choose from {', '.join(MLP_NORMS)}")
     return MLP_NORMS[kind](dim, bn_group)
 
 
@@ -643,23 +711,56 @@ class BYOL(nn.Module):
     and g, no gradient). The two views go through each network in separate calls, as the blog's
     code and DeepMind's do: each view is its own BatchNorm batch, and BN batch composition is the
     object of study. forward() has no side effects: the EMA and the queue update are explicit
-    calls in the training loop."""
+    calls in the training loop (train_step).
+
+    forward(v1, v2) returns a dict, the one contract train_byol reads (a subclass keeps it):
+      loss      scalar tensor, the objective to minimize (with gradient into the online network)
+      z         the online projections z of view v, (n, d), detached (metrics_fn reads it)
+      new_keys  the l2-normalized target projections z' of view v', (n, d), no gradient: what the
+                contrastive objective enqueues after the step
+      pos_cos, neg_cos, z_std, pos_gap, neg_gap   scalar tensors, no gradient (collapse_stats)
+
+    Extension points, for a subclass passed as a variant's model_fn (the ablation_*.py examples):
+      build_encoder(cfg)        the online encoder f: a module with out_dim (default: the ResNet of
+                                cfg.width, stem, encoder_norm, gn_groups and depth)
+      loss(p1, p2, t1, t2)      the objective (ablation_one_sided_loss.py)
+      EMA_PAIRS                 (target attribute, online attribute) pairs: __init__ makes each
+                                target a deep copy of its online module without gradient, and
+                                train_step moves each towards it with rate tau; add
+                                ("target_predictor", "predictor") for a target predictor
+                                (ablation_target_predictor.py)
+      online(v) -> (z, p), target(v) -> z'   one view through each network
+    With tau 0 at every step (base_tau 0, constant: SimSiam's stop-gradient), the target is the
+    online network itself, so forward uses the online projections, detached, instead of a second
+    forward of equal weights: the same numbers (test_simsiam_skips_the_target_with_the_same_numbers).
+    A subclass that overrides online() or target() always runs the target."""
+
+    EMA_PAIRS = (("target_encoder", "online_encoder"), ("target_projector", "online_projector"))
 
     def __init__(self, cfg):
         super().__init__()
-        self.online_encoder = ResNet18(cfg.width, cfg.stem, cfg.encoder_norm, cfg.gn_groups)
+        self.online_encoder = self.build_encoder(cfg)
         y_dim = self.online_encoder.out_dim
         z_dim = cfg.proj_dim if cfg.proj_layers else y_dim   # no projector: z = y
         self.online_projector = build_mlp(y_dim, cfg.mlp_hidden_dim, z_dim, cfg.proj_norm, cfg.mlp_bn_group,
                                           cfg.proj_layers, cfg.proj_out_norm)
         self.predictor = build_mlp(z_dim, cfg.mlp_hidden_dim, z_dim, cfg.pred_norm, cfg.mlp_bn_group, cfg.pred_layers)
-        self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
+        for target, online in self.EMA_PAIRS:   # the target network: copies without gradient
+            setattr(self, target, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        # tau 0 at every step: ema_update_ copies the online weights and buffers exactly (lerp
+        # with weight 1 is `online - 0 * diff`), so target(v) would equal online(v)'s z bit for bit
+        self.target_is_online = (cfg.base_tau == 0 and cfg.tau_schedule == "constant"
+                                 and type(self).online is BYOL.online and type(self).target is BYOL.target)
         self.objective, self.temperature, self.loss_form = cfg.objective, cfg.temperature, cfg.loss_form
         if cfg.objective == "contrastive":
             # memory bank of target projections z' (MoCo): random unit vectors at first
             self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def build_encoder(self, cfg):
+        """The online encoder f; the target's is its deep copy. Any module with out_dim (the
+        size of y) will do."""
+        return ResNet(cfg.width, cfg.stem, cfg.encoder_norm, cfg.gn_groups, cfg.depth)
 
     def online(self, v):
         y = self.online_encoder(v)
@@ -674,24 +775,32 @@ class BYOL(nn.Module):
             return self.target_projector(y.float())
 
     def forward(self, v1, v2):
-        """Returns the loss and detached diagnostics. Under bf16 autocast only the encoders run in
+        """The contract is in the class docstring. Under bf16 autocast only the encoders run in
         bf16: the projector, predictor, loss and cosines are fp32, since in deep collapse the
         cosines differ from 1 by ~1e-7 and bf16 rounding would scramble the gradient's direction."""
         z1, p1 = self.online(v1)
         z2, p2 = self.online(v2)
-        t1, t2 = self.target(v1), self.target(v2)
+        if self.target_is_online:   # SimSiam: the stop-gradient of the online projections
+            t1, t2 = z1.detach(), z2.detach()
+        else:
+            t1, t2 = self.target(v1), self.target(v2)
         with torch.autocast(v1.device.type, enabled=False):   # no bf16 matmuls from here on
             p1, p2, t1, t2 = (F.normalize(a.float(), dim=1) for a in (p1, p2, t1, t2))
-            if self.objective == "byol":
-                # blog: mean(1 - cos(q, z')) per view order, summed over both orders
-                # (= half the BYOL paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same)
-                if self.loss_form == "cos":
-                    loss = (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
-                else:   # the same number, and gradients, without fp32's cancellation of 1 - cos near 1
-                    loss = 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
-            else:
-                loss = self.info_nce(p1, t2) + self.info_nce(p2, t1)
+            loss = self.loss(p1, p2, t1, t2)
             return dict(loss=loss, new_keys=t2, z=z1.detach(), **collapse_stats(z1, z2, t1, t2))
+
+    def loss(self, p1, p2, t1, t2):
+        """The objective. p1, p2: the online predictions q(z) of views v and v'; t1, t2: the target
+        projections z' of v and v' (no gradient); each (n, d), l2-normalized, fp32. byol: the
+        blog's mean(1 - cos(q, z')) per view order, summed over both orders (= half the BYOL
+        paper's symmetric 2 - 2cos, so the blog's lr 0.8 means the same); contrastive: InfoNCE
+        against the queue, both orders."""
+        if self.objective == "contrastive":
+            return self.info_nce(p1, t2) + self.info_nce(p2, t1)
+        if self.loss_form == "cos":
+            return (1 - (p1 * t2).sum(1)).mean() + (1 - (p2 * t1).sum(1)).mean()
+        # sqdist: the same number, and gradients, without fp32's cancellation of 1 - cos near 1
+        return 0.5 * ((p1 - t2).pow(2).sum(1).mean() + (p2 - t1).pow(2).sum(1).mean())
 
     def info_nce(self, q, k):
         """Cross-entropy of the positive q.k against q.queue (negatives), temperature T."""
@@ -908,18 +1017,19 @@ def fp32_math(enabled=True):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def train_step(model, step_fn, opt, v1, v2, tau, amp):
-    """One BYOL step: forward both views (step_fn = model, or its compiled version), backward,
-    optimizer step, then the target EMA with rate tau and, for the contrastive loss, the queue."""
+def train_step(model, step_fn, opt, v1, v2, tau, amp, world=ONE_PROCESS):
+    """One BYOL step: forward both views (step_fn = model, or its compiled or DDP-wrapped
+    version), backward, optimizer step, then the target EMA with rate tau (every pair of
+    model.EMA_PAIRS) and, for the contrastive loss, the queue (with every rank's keys of world)."""
     with torch.autocast(v1.device.type, dtype=torch.bfloat16, enabled=amp):
         out = step_fn(v1, v2)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     opt.step()
-    ema_update_(model.target_encoder, model.online_encoder, tau)
-    ema_update_(model.target_projector, model.online_projector, tau)
+    for target, online in model.EMA_PAIRS:   # BYOL: the encoder and projector; a subclass may add more
+        ema_update_(getattr(model, target), getattr(model, online), tau)
     if model.objective == "contrastive":
-        model.enqueue_(harness.all_gather_cat(out["new_keys"]))   # every rank's keys, as one process would
+        model.enqueue_(world.gather(out["new_keys"]))   # every rank's keys, as one process would
     return out
 
 
@@ -940,27 +1050,33 @@ def fill_queue_(model, images_u8, gen, batch_size, mean, std, fmt=torch.contiguo
 STATS = ("loss", "pos_cos", "neg_cos", "z_std", "pos_gap", "neg_gap")
 
 
-def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None, metrics_fn=None):
+def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, groups_fn=None, metrics_fn=None,
+               device=None, world=ONE_PROCESS):
     """Pretrains BYOL per cfg; returns one dict per epoch (epoch 0 = the untrained network):
     epoch, loss, probe_acc (None where not evaluated), pos_cos, neg_cos, z_std, pos_gap, neg_gap,
     lr, tau, wall_s, probe_liblinear, probe_standardized (and lars_lr:*, lr:* where they apply).
-    on_epoch(row) is called as each row is made. data: a load_dataset() dict, to share a load.
-    checkpoint: a file path; the state after epochs 0 and 1, then at most every
-    harness.CHECKPOINT_EVERY_S, is saved there, and a run that finds a checkpoint of the same
-    config continues from it (rows before it are passed to on_epoch again), giving the same
-    numbers as an uninterrupted run.
-    Your own pieces, without editing this file: model_fn(cfg) -> a module with BYOL's attributes
-    and forward (default BYOL); groups_fn(model, cfg) -> optimizer parameter groups (default
+    on_epoch(row) is called as each row is made. What a run needs comes in ready (the harness
+    prepares it; each default is what a notebook needs): cfg, valid (harness.check_config);
+    data, a load_dataset() dict (default: loaded here, which for a dataset on disk needs
+    harness.load_data); device (default get_device(cfg.device)); world, the process group
+    (default one process; harness.Torchrun under torchrun); checkpoint, a store with load(cfg) ->
+    the saved state or None, save(cfg, model, opt, gen, rows, step) and every_s (default none;
+    harness.Checkpoints(path)): the state after epochs 0 and 1, then at most every every_s
+    seconds, is saved, and a run that finds a checkpoint of the same config continues from it
+    (rows before it are passed to on_epoch again), giving the same numbers as an uninterrupted run.
+    Your own pieces, without editing this file: model_fn(cfg) -> the model (default BYOL): a
+    subclass of BYOL overriding its extension points (its own loss, encoder, or more EMA twins
+    such as a target predictor: see BYOL's docstring, which also gives forward's contract);
+    groups_fn(model, cfg) -> optimizer parameter groups (default
     param_groups; a group may carry lr_mult and label, see param_groups); metrics_fn(model, views,
     out) -> {column: value}, called once an epoch with the epoch's last views and the model's
     outputs on them (out["z"]: the online projections of v), adds its columns to the row (no extra
     forward: BN's running statistics stay as training left them). model_fn builds both
-    networks: BYOL.__init__ deep-copies the online encoder and projector into the target, so
-    a change to the online projector made after that must be made to the target too. The loop
+    networks: BYOL.__init__ deep-copies each online module of EMA_PAIRS into its target twin, so
+    a change to an online module made after that must be made to its twin too. The loop
     puts the model in train mode every epoch and the probe's encoder in eval mode."""
-    harness.check_config(cfg)
     set_seed(cfg.seed)
-    device, (rank, n_ranks) = harness.run_device(cfg), harness.world()
+    device = device or get_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN picks its fastest kernels once
     if device.type == "cpu":
@@ -968,38 +1084,45 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         # where CPU arithmetic runs many times slower (results/denormal_conv.txt).
         # Flushing them to zero changes no result that matters and keeps such runs at full speed.
         torch.set_flush_denormal(True)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    data = data or load_dataset(cfg.dataset)
     if cfg.image_size > data["pretrain_x"].shape[-1]:
-        raise harness.UsageError(f"image_size={cfg.image_size} is larger than the {cfg.dataset} images "
-                                 f"({data['pretrain_x'].shape[-1]} px): it only downsamples")
+        raise UsageError(f"image_size={cfg.image_size} is larger than the {cfg.dataset} images "
+                         f"({data['pretrain_x'].shape[-1]} px): it only downsamples")
     if cfg.image_size:
         data = resize_images(data, cfg.image_size)
     pretrain = data["pretrain_x"][:cfg.train_subset or None].to(device)
     if cfg.epochs and cfg.batch_size > len(pretrain):
-        raise harness.UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
+        raise UsageError(f"batch_size {cfg.batch_size} > {len(pretrain)} training images")
     mean, std = mean_std(cfg.dataset, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)   # the same on every rank
     fmt = conv_format(device, cfg.width)
     model = (model_fn or BYOL)(cfg).to(device, memory_format=fmt)
-    if cfg.sync_bn and n_ranks > 1:
-        model = harness.convert_sync_bn(model)
+    if cfg.sync_bn and world.size > 1:
+        model = world.sync_bn(model)
     # plain SGD (the blog's torch.optim.SGD) is LARS without adapted groups, in the byol form
     opt = LARS((groups_fn or param_groups)(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta,
                form=cfg.lars_form if cfg.optimizer == "lars" else "byol")
     amp = use_bf16(cfg, device)
-    step_fn = harness.ddp(model, device)   # model itself in one process
+    step_fn = world.wrap(model, device)   # model itself in one process
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
     # applying the augmentation is ~370 small ops a step (results/op_count.txt): compiled, 28 kernels
     aug_fn = torch.compile(apply_aug, dynamic=False) if cfg.compile else apply_aug
-    part = harness.rank_slice(cfg.batch_size)   # this process's share of every batch
+    part = world.share(cfg.batch_size)   # this process's share of every batch
     views = view_settings(cfg)
 
     steps_per_epoch = len(pretrain) // cfg.batch_size   # drop_last, as the blog
     total_steps = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch   # tau's cosine period, as lr's
     rows, step = [], 0
-    saved = harness.load_checkpoint(checkpoint, cfg)
-    if saved:
-        rows, step = harness.restore(saved, model, opt, gen, on_epoch)
+    saved = checkpoint.load(cfg) if checkpoint else None
+    if saved:   # continue where it stopped: the rows so far are passed to on_epoch again
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        rows, step = saved["rows"], saved["step"]
+        print(f"  resuming from the checkpoint after epoch {rows[-1]['epoch']}")
+        for row in rows:
+            if on_epoch:
+                on_epoch(row)
     elif cfg.objective == "contrastive" and cfg.queue_init == "data":
         fill_queue_(model, pretrain, gen, cfg.batch_size, mean, std, fmt, views[1])   # keys: z' of views v'
     start = saved_at = time.time() - (rows[-1]["wall_s"] if rows else 0)
@@ -1017,14 +1140,15 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_mult", 1.0)
                     v = two_views(x, gen, mean, std, part, fmt, views, aug_fn)
-                    out = train_step(model, step_fn, opt, *v, tau, amp)
+                    out = train_step(model, step_fn, opt, *v, tau, amp, world)
                     sums += torch.stack([out[k].detach() for k in STATS])
                     step += 1
-        sums = harness.mean_over_ranks(sums)   # the global batch's means under torchrun
+        sums = world.mean(sums)   # the global batch's means under torchrun
         means = dict(zip(STATS, (sums / max(steps_per_epoch, 1)).tolist() if epoch > 0 else [None] * len(STATS)))
         diverged = means["loss"] is not None and not math.isfinite(means["loss"])
         evaluate = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        acc = linear_probe(model.online_encoder, data, cfg, device) if evaluate and not diverged and rank == 0 else {}
+        probe = evaluate and not diverged and world.rank == 0   # rank 0 alone evaluates
+        acc = linear_probe(model.online_encoder, data, cfg, device) if probe else {}
         row = dict(epoch=epoch, loss=means["loss"], probe_acc=acc.get(cfg.probe_fit), pos_cos=means["pos_cos"],
                    neg_cos=means["neg_cos"], z_std=means["z_std"], lr=lr, tau=tau, wall_s=round(time.time() - start, 2),
                    probe_liblinear=acc.get("liblinear"), probe_standardized=acc.get("standardized"),
@@ -1037,8 +1161,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
         row.update({f"lr:{g.get('label', i)}": None if lr is None else lr * g["lr_mult"]
                     for i, g in enumerate(opt.param_groups) if g.get("lr_mult", 1.0) != 1.0})
         rows.append(row)
-        if checkpoint and epoch < cfg.epochs and (epoch <= 1 or time.time() - saved_at >= harness.CHECKPOINT_EVERY_S):
-            harness.save_checkpoint(checkpoint, cfg, model, opt, gen, rows, step)   # rank 0 writes
+        if checkpoint and epoch < cfg.epochs and (epoch <= 1 or time.time() - saved_at >= checkpoint.every_s):
+            checkpoint.save(cfg, model, opt, gen, rows, step)   # rank 0 writes
             saved_at = time.time()
         if on_epoch:
             on_epoch(row)

@@ -147,10 +147,10 @@ def section_rerun(args, device, data):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "run.pt"
         try:
-            common.train_byol(cfg, data=synthetic, checkpoint=ckpt, on_epoch=stop_after_epoch_1)
+            common.train_byol(cfg, data=synthetic, checkpoint=harness.Checkpoints(ckpt), on_epoch=stop_after_epoch_1)
         except Stop:
             pass
-        resumed = common.train_byol(cfg, data=synthetic, checkpoint=ckpt)
+        resumed = common.train_byol(cfg, data=synthetic, checkpoint=harness.Checkpoints(ckpt))
     cont = resumed[-1]["loss"] == a[-1]["loss"]
     return [f"same seed twice: {'identical rows' if same else f'rows differ (largest relative loss difference {diff:.2g})'}",
             f"resumed from a checkpoint after epoch 1: {'the uninterrupted numbers' if cont else 'numbers differ'} "
@@ -210,7 +210,7 @@ def main(argv=None):
     if not args.quick:
         try:
             source = str(harness.find_dataset("cifar10", args.data_dir))
-            data = dict(dict=common.load_dataset("cifar10", args.data_dir), real=True, source=source)
+            data = dict(dict=harness.load_data("cifar10", args.data_dir), real=True, source=source)
         except harness.UsageError as e:
             why = f"CIFAR-10 not usable: {str(e)[:120]}"
     if data is None:

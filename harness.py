@@ -5,11 +5,29 @@ torn-tail repair), the grid of variants x seeds and its summary.
 
 It never changes a number: training, the probe and every metric are common.py's. What this
 module adds is which runs happen, where their rows go, and that an interrupted or repeated
-command gives the rows an uninterrupted one gives. common.py calls it in one-line calls
-(check_config, get_device, the torchrun helpers, checkpoints); the two modules import each other by
-module reference only, so neither needs the other at import time.
+command gives the rows an uninterrupted one gives.
+
+When a finished run is reused (run_grid): only when its row's cfg_hash equals the one computed
+now, which covers every Config field (config_hash), what the variant's hooks are, and the code of
+the script itself (script_identity: the __main__ file whole, so module constants, helpers, base
+classes and patches of library functions; the modules it imports from its own folder; read as a
+syntax tree, so docstrings, comments and layout do not count, nor the lines that only list the
+grid: a new variant reuses the others). An edit of the library (common.py, harness.py) does not
+retrain: the reused runs are counted in one line ("N of the reused run(s) were trained by other
+library code"), from each row's lib_hash, and --fresh retrains them. Why not retrain: the
+library's contract is that a config's numbers never move (new behaviour enters as a Config field
+whose default keeps the old hash, LATER_FIELDS; tests pin the recorded smoke draws, seeded
+reruns and the torchrun split), while a script's edit is made to change them. Retraining at every
+library edit would redo hours of CPU grids for each refactor and leave LATER_FIELDS no purpose;
+the line keeps it visible. Rows written before code was hashed carry a settings-only cfg_hash
+(the committed results/), so a rerun trains them again once.
+
+This module imports common.py, never the other way: it prepares what common.train_byol needs
+(a config checked by check_config, the device by run_device, the data by load_data, the process
+group by process_group, a checkpoint store, Checkpoints) and hands it over.
 """
 import argparse
+import ast
 import csv
 import dataclasses
 import functools
@@ -37,8 +55,7 @@ import common
 # ============================================================================ validation
 
 
-class UsageError(Exception):
-    """Bad input: the scripts print it as one line and exit with code 2."""
+UsageError = common.UsageError   # bad input: main prints it as one line and exits with code 2
 
 
 def check_config(cfg):
@@ -55,6 +72,8 @@ def check_config(cfg):
     for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.depth not in common.RESNET_STAGES:
+        raise UsageError(f"depth must be one of {', '.join(map(str, common.RESNET_STAGES))}, got {cfg.depth}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
         raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
     for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "proj_layers", "pred_layers",
@@ -98,26 +117,7 @@ def check_config(cfg):
 # ================================================================================ device
 
 
-def get_device(name="auto"):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise UsageError(f"--device {name!r}: {e}") from None
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UsageError(f"--device {name}: MPS is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+get_device = common.get_device   # auto: cuda, mps, cpu; a named one is checked to exist
 
 
 # ================================================================ several processes (torchrun)
@@ -205,6 +205,31 @@ def mean_over_ranks(t):
         t /= world()[1]
     return t
 
+
+class Torchrun(common.OneProcess):
+    """train_byol's process group under torchrun: this rank of the process group, with
+    common.OneProcess's interface (its share of each batch is the same formula)."""
+
+    def __init__(self):
+        self.rank, self.size = world()
+
+    def wrap(self, model, device):
+        return ddp(model, device)
+
+    def sync_bn(self, model):
+        return convert_sync_bn(model)
+
+    def mean(self, t):
+        return mean_over_ranks(t)
+
+    def gather(self, t):
+        return all_gather_cat(t)
+
+
+def process_group():
+    """What train_byol's world is: Torchrun under torchrun, else common.ONE_PROCESS."""
+    return Torchrun() if world()[1] > 1 else common.ONE_PROCESS
+
 # ================================================================================ data on disk
 
 CIFAR_DIR, STL_DIR = "cifar-10-batches-py", "stl10_binary"
@@ -253,6 +278,11 @@ def find_dataset(name, data_dir="", download=False):
     raise UsageError(f"{name} not found (need {sub}/ with {', '.join(files)}); looked in {looked}. "
                      f"Pass --data-dir DIR, set BYOL_DATA, or add --download")
 
+
+def load_data(name, data_dir="", download=False):
+    """common.load_dataset of dataset `name`, found on disk by find_dataset (synthetic: made)."""
+    return common.load_dataset(name, None if name == "synthetic" else find_dataset(name, data_dir, download))
+
 # ============================================================================= checkpoints
 
 
@@ -293,17 +323,22 @@ def load_checkpoint(path, cfg):
         return None
 
 
-def restore(saved, model, opt, gen, on_epoch=None):
-    """Loads a checkpoint's state into the run; returns (rows so far, step). The rows before it are
-    passed to on_epoch again, as if the run had not stopped."""
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    gen.set_state(saved["gen"])
-    print(f"  resuming from the checkpoint after epoch {saved['rows'][-1]['epoch']}")
-    for row in saved["rows"]:
-        if on_epoch:
-            on_epoch(row)
-    return saved["rows"], saved["step"]
+class Checkpoints:
+    """train_byol's checkpoint store: the file path, written by save_checkpoint (rank 0) and read
+    by load_checkpoint, every CHECKPOINT_EVERY_S at most after epoch 1 (train_byol)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @property
+    def every_s(self):
+        return CHECKPOINT_EVERY_S
+
+    def load(self, cfg):
+        return load_checkpoint(self.path, cfg)
+
+    def save(self, cfg, model, opt, gen, rows, step):
+        save_checkpoint(self.path, cfg, model, opt, gen, rows, step)
 
 
 def _resumable(cfg):
@@ -472,19 +507,27 @@ def departures(preset_name, preset, cli):
 
 # Config fields added after the committed results/ were made, with their defaults (config_hash)
 LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all", proj_out_norm="none",
-                    aug_crop_scale=(0.2, 0.2), aug_jitter=(1.0, 1.0), aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0))
+                    aug_crop_scale=(0.2, 0.2), aug_jitter=(1.0, 1.0), aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0),
+                    depth=18)
 
 # A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
 HOOKS = ("model_fn", "groups_fn", "metrics_fn")
-HOOK_SIGNATURES = {"model_fn": "(cfg) -> a module like common.BYOL",
+HOOK_SIGNATURES = {"model_fn": "(cfg) -> a common.BYOL subclass (its extension points: loss, EMA_PAIRS, "
+                               "build_encoder, target; see its docstring)",
                    "groups_fn": "(model, cfg) -> optimizer parameter groups",
                    "metrics_fn": "(model, views, out) -> {column: value} once an epoch (name its columns in "
                                  "extra_columns)"}
 
 
+# what a variant without the hook runs, for its cfg_<hook> column
+HOOK_DEFAULTS = {"model_fn": "BYOL", "groups_fn": "param_groups", "metrics_fn": ""}
+
+
 def hook_name(fn):
+    """A hook's qualified name (the cfg_<hook> column), with a partial's bound arguments."""
     if isinstance(fn, functools.partial):
-        return f"partial({hook_name(fn.func)}, ...)"
+        bound = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in fn.keywords.items()]
+        return f"partial({', '.join([hook_name(fn.func), *bound])})"
     return getattr(fn, "__qualname__", type(fn).__name__)
 
 
@@ -506,12 +549,82 @@ def hook_identity(fn):
     return f"{getattr(target, '__module__', '?')}.{hook_name(fn)}:{digest}"
 
 
-def config_hash(cfg, n_ranks=1, hooks=None):
+# Top-level names of a script that hold its grid, not code a run executes: each variant's values
+# enter its hash as Config fields and hooks, so adding a variant reuses the others' runs.
+GRID_NAMES = frozenset({"VARIANTS", "EXTRA_VARIANTS", "PRESETS", "BLOG"})
+
+
+def _grid_only(stmt):
+    """Whether a top-level statement only fills GRID_NAMES (x = ..., x[k] = ..., or a for loop of those)."""
+    if isinstance(stmt, ast.For):
+        return all(_grid_only(s) for s in stmt.body) and not stmt.orelse
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(
+        stmt, (ast.AnnAssign, ast.AugAssign)) else None
+    if not targets:
+        return False
+    names = [t.value if isinstance(t, ast.Subscript) else t for t in targets]
+    return all(isinstance(n, ast.Name) and n.id in GRID_NAMES for n in names)
+
+
+def source_digest(path):
+    """12 hex digits of a Python file's code: its syntax tree without docstrings (where the
+    scripts record their results), comments or layout, and without the statements that only
+    fill its grid (GRID_NAMES). Any other edit (a constant, a helper, a class, a patch) changes it."""
+    tree = ast.parse(Path(path).read_text())
+    tree.body = [st for st in tree.body if not _grid_only(st)]
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:12]
+
+
+LIBRARY = ("common", "harness")   # the library: its edits are reported, not retrained (module docstring)
+
+
+def _module_file(name):
+    """The .py file module `name` was loaded from (None: a built-in, an extension, or a name that
+    is no file on disk, as some packages set)."""
+    f = getattr(sys.modules.get(name), "__file__", None)
+    return Path(f).resolve() if isinstance(f, str) and f.endswith(".py") and os.path.isfile(f) else None
+
+
+def script_identity(fns=()):
+    """{file name: source_digest} of the code a run executes beyond the library: the script run as
+    __main__, every module imported from its folder, and the modules defining fns (hooks, added
+    norms). Keyed by file name, so a copy of the repo elsewhere hashes the same."""
+    files = set()
+    main = _module_file("__main__")
+    if main:
+        files.add(main)
+        files.update(f for f in map(_module_file, list(sys.modules)) if f and f.parent == main.parent)
+    for fn in fns:
+        fn = fn.func if isinstance(fn, functools.partial) else fn
+        target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)
+        f = _module_file(getattr(target, "__module__", ""))
+        if f:
+            files.add(f)
+    files -= {_module_file(m) for m in LIBRARY}
+    return {f.name: source_digest(f) for f in sorted(files)}
+
+
+def library_identity():
+    """12 hex digits of the library's code (common.py and harness.py, as source_digest reads them):
+    the lib_hash column."""
+    return hashlib.sha1(" ".join(source_digest(_module_file(m)) for m in LIBRARY).encode()).hexdigest()[:12]
+
+
+def config_hash(cfg, n_ranks=1, hooks=None, code=None):
     """12 hex digits naming every setting that changes a run's results: all Config fields but
     the seed (its own column), where the data lives, the device name and compile, with precision
     'auto' resolved (bf16 on CUDA, fp32 elsewhere); plus the process count under torchrun (BN
-    batches are per process) and what a variant's hooks do (hook_identity). A CSV row with the
-    same hash, variant, seed and final epoch is a finished run of exactly these settings."""
+    batches are per process), what a variant's hooks do (hook_identity) and code, the script's
+    own code (script_identity; run_grid always passes it). A CSV row with the same hash, variant,
+    seed and final epoch is a finished run of exactly these settings and script. Without code
+    (and hooks), the settings alone: the hash the committed results/ CSVs carry, made before
+    code was hashed."""
     d = _resumable(cfg)
     del d["seed"]
     for k, default in LATER_FIELDS.items():   # fields added after results were committed: at their
@@ -525,16 +638,22 @@ def config_hash(cfg, n_ranks=1, hooks=None):
         d["norms"] = {name: hook_identity(common.MLP_NORMS[name]) for name in sorted(added)}
     if hooks:   # a script's own model or parameter groups, by what they do
         d["hooks"] = {k: hook_identity(fn) for k, fn in hooks.items()}
+    if code:
+        d["code"] = code
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- results CSV on disk
+# Columns added after CSVs were written: a CSV without them gains them, empty, on its next run
+LATER_COLUMNS = frozenset({"lib_hash", *(f"cfg_{k}" for k in HOOKS)})
+
 # One writer per CSV (a lock file), rows of a run appended together once it ends, every rewrite
 # atomic (temporary file + rename), and a torn tail (a crash mid-append) cut off on disk before
 # anything is appended, so a line can never be glued onto half of another.
-def read_rows(path, header):
+def read_rows(path, header, upgrade=False):
     """Rows of an existing results CSV ([] if missing or empty). A torn last line (no final
-    newline, or too few cells) is removed from the file, with a warning."""
+    newline, or too few cells) is removed from the file, with a warning. A CSV with other columns
+    is refused, except with upgrade where it lacks only LATER_COLUMNS: it is rewritten with them."""
     if not path.exists():
         return []
     text = path.read_text()
@@ -542,7 +661,15 @@ def read_rows(path, header):
     if not lines or (len(lines) == 1 and not text.endswith("\n") and ",".join(header).startswith(lines[0])):
         return []   # empty, or a header cut short: rewritten whole by the first write
     if lines[0].split(",") != header:
-        raise UsageError(f"{path} exists with other columns; move it away or use another --out")
+        old = lines[0].split(",")
+        if not upgrade or [c for c in header if c not in LATER_COLUMNS] != old:
+            raise UsageError(f"{path} exists with other columns; move it away or use another --out")
+        # a CSV written before lib_hash and the cfg_<hook> columns: the same columns otherwise
+        rows = read_rows(path, old)   # a torn tail repaired under its own header first
+        rewrite_rows(path, header, rows)
+        print(f"{path}: added column(s) {', '.join(c for c in header if c not in old)}, empty in its "
+              f"{len(rows)} earlier row(s) (written before they existed)")
+        return read_rows(path, header)
     torn = not text.endswith("\n") or len(next(csv.reader([lines[-1]]))) != len(header)
     rows = list(csv.DictReader(lines[:-1] if torn and len(lines) > 1 else lines))
     if torn:
@@ -626,12 +753,13 @@ def is_final(row, epochs):
 
 def finished_runs(args, name, header, wanted, configs):
     """Opens (and locks) <out>/name and reads which requested runs already finished there with the
-    same cfg_hash: (path, lock, done, other). Rows of a requested run that never finished (a crash
-    while appending) are dropped, so that its new rows are not duplicates. other: runs of a
-    requested (variant, seed) under other settings."""
+    same cfg_hash: (path, lock, done, other, libs). Rows of a requested run that never finished (a
+    crash while appending) are dropped, so that its new rows are not duplicates. other: runs of a
+    requested (variant, seed) under other settings. libs: {(variant, seed): lib_hash} of the
+    finished ones."""
     path, lock = open_out(args.out, name)
     try:   # the lock is the caller's once this returns; before that, an error releases it here
-        old = read_rows(path, header)
+        old = read_rows(path, header, upgrade=True)
         mine, other = {}, set()   # the CSV's rows of the requested runs, by (variant, seed, cfg_hash)
         for r in old:
             key = (r["variant"], int(r["seed"]), r["cfg_hash"])
@@ -646,7 +774,8 @@ def finished_runs(args, name, header, wanted, configs):
     except BaseException:
         lock.close()
         raise
-    return path, lock, set() if args.fresh else {key[:2] for key in finished}, other
+    libs = {key[:2]: mine[key][-1].get("lib_hash", "") for key in finished}
+    return path, lock, set() if args.fresh else {key[:2] for key in finished}, other, libs
 
 
 def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
@@ -660,18 +789,24 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     hooks = {name: {k: variants[name][k] for k in HOOKS if k in variants[name]} for name in configs}
     seeds = parse_seeds(args.seeds)
     over_keys = sorted({k for v in variants.values() for k in v if k not in HOOKS})
-    header = COLUMNS + list(extra_columns) + ["cfg_hash"] + [f"cfg_{k}" for k in over_keys]
+    # a hook's name is a column only in scripts whose variants name one: the other CSVs keep their header
+    hook_keys = [k for k in HOOKS if any(k in v for v in variants.values())]
+    header = (COLUMNS + list(extra_columns) + ["cfg_hash", "lib_hash"] + [f"cfg_{k}" for k in over_keys]
+              + [f"cfg_{k}" for k in hook_keys])
     metric_columns = [c for c in extra_columns if not c.startswith(("lars_lr:", "lr:"))]   # a metrics_fn's
     rank, n_ranks = world()
-    hashes = {name: config_hash(cfg, n_ranks, hooks[name]) for name, cfg in configs.items()}
+    added_norms = [common.MLP_NORMS[n] for n in set(common.MLP_NORMS) - common.BUILTIN_NORMS]
+    code = script_identity([fn for h in hooks.values() for fn in h.values()] + added_norms)
+    lib = library_identity()
+    hashes = {name: config_hash(cfg, n_ranks, hooks[name], code) for name, cfg in configs.items()}
     wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
     path, lock = Path(args.out) / f"{exp}_{preset}.csv", None
-    done, other = set(), set()   # other: runs of a requested (variant, seed) under other settings
+    done, other, libs = set(), set(), {}   # other: runs of a requested (variant, seed) under other settings
     try:
         setup_error = None
         if rank == 0:   # under torchrun, rank 0 alone reads and writes the CSV
             try:
-                path, lock, done, other = finished_runs(args, f"{exp}_{preset}.csv", header, wanted, configs)
+                path, lock, done, other, libs = finished_runs(args, f"{exp}_{preset}.csv", header, wanted, configs)
             except UsageError as e:
                 if n_ranks == 1:
                     raise
@@ -688,13 +823,18 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         print(f"{exp} / preset {preset}: {len(configs)} variants x {len(seeds)} seeds -> {path}")
         if done:
             print(f"reused {len(done)} finished run(s) with identical settings from {path} (--fresh to retrain)")
-        if other:   # say why they train again: a changed flag, or code that added a Config field
+            older = sum(libs.get(key) != lib for key in done)
+            if older:   # reused, not retrained: see this module's docstring for why
+                print(f"{older} of the reused run(s) were trained by other library code (common.py/harness.py "
+                      f"changed since; lib_hash differs): --fresh retrains them")
+        other = {key for key in other if key[:2] not in done}   # only the runs that will train now
+        if other:   # say why they train again: a changed flag or script, or code that added a Config field
             print(f"{len(other)} earlier run(s) of these variants and seeds in {path} have other settings "
-                  f"(cfg_hash differs): they stay in the CSV, these train anew")
+                  f"or script code (cfg_hash differs): they stay in the CSV, these train anew")
         if len(done) < len(wanted):
             if n_ranks > 1 and args.download and rank > 0:
                 dist.barrier()   # rank 0 downloads first
-            data = common.load_dataset(next(iter(configs.values())).dataset, args.data_dir, args.download)
+            data = load_data(next(iter(configs.values())).dataset, args.data_dir, args.download)
             if n_ranks > 1 and args.download and rank == 0:
                 dist.barrier()
         for seed in seeds:
@@ -719,13 +859,16 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                     if unknown:   # a metric with no column would be dropped from the CSV without a word
                         raise UsageError(f"variant {name}: row keys {', '.join(unknown)} have no CSV column; "
                                          f"add them to extra_columns in the script's harness.main call")
-                    full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name],
-                                **{f"cfg_{k}": getattr(cfg, k) for k in over_keys})
+                    full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name], lib_hash=lib,
+                                **{f"cfg_{k}": getattr(cfg, k) for k in over_keys},
+                                **{f"cfg_{k}": hook_name(hooks[name][k]) if k in hooks[name] else HOOK_DEFAULTS[k]
+                                   for k in hook_keys})
                     buffer.append({k: cell(v) for k, v in full.items()})
                     if row["epoch"] == cfg.epochs and rank == 0:   # a run's rows land together: no half-run
                         save_run(path, header, buffer, replace=args.fresh)
                 ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
-                rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=ckpt, **hooks[name])
+                rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=Checkpoints(ckpt),
+                                         device=run_device(cfg), world=process_group(), **hooks[name])
                 if rank == 0:
                     if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
                         save_run(path, header, buffer, replace=args.fresh)

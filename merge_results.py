@@ -4,7 +4,8 @@
     python merge_results.py results/table1_cpu.csv machineB/table1_cpu.csv --out results/table1_all.csv
 
 Rows are keyed by (variant, cfg_hash, seed, epoch). A key present in several files must agree on every
-metric except wall_s; if it does not, nothing is written and the conflict is named (exit 2).
+metric except wall_s and lib_hash (library code that keeps the numbers, harness.py's docstring);
+if it does not, nothing is written and the conflict is named (exit 2).
 """
 import argparse
 import csv
@@ -34,6 +35,9 @@ def read_csv(path):
     return reader.fieldnames, rows
 
 
+UNCOMPARED = ("wall_s", "lib_hash")   # cells of one run that may differ between shards
+
+
 def merge(paths):
     header, merged = None, {}
     for path in paths:
@@ -47,7 +51,8 @@ def merge(paths):
         for r in rows:
             key = (r["variant"], r.get("cfg_hash", ""), r["seed"], r["epoch"])
             other = merged.setdefault(key, r)
-            if {k: v for k, v in other.items() if k != "wall_s"} != {k: v for k, v in r.items() if k != "wall_s"}:
+            if ({k: v for k, v in other.items() if k not in UNCOMPARED}
+                    != {k: v for k, v in r.items() if k not in UNCOMPARED}):
                 raise harness.UsageError(f"{path}: variant {key[0]} seed {key[2]} epoch {key[3]} disagrees "
                                         f"with an earlier file")
     if header is None:

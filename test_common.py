@@ -1,6 +1,7 @@
 """Tests of the research code, common.py: networks, loss, EMA, LARS, augmentations, probe, data
 loaders, the training loop. CPU only (conftest.py hides GPUs), no downloads:
 pytest -q test_common.py test_harness.py"""
+import ast
 import dataclasses
 import math
 import os
@@ -164,7 +165,7 @@ def test_mlp_unknown_norm_raises():
 @pytest.mark.parametrize("stem,size,out_hw", [("cifar", 32, 32), ("imagenet", 96, 24)])
 @pytest.mark.parametrize("norm", ["bn", "gn", "gn_ws", "none"])
 def test_resnet_shapes_and_norms(stem, size, out_hw, norm):
-    net = common.ResNet18(width=8, stem=stem, norm=norm)
+    net = common.ResNet(width=8, stem=stem, norm=norm)
     assert net(torch.randn(2, 3, size, size)).shape == (2, 64)
     # stage-1 resolution: stride-1 CIFAR stem vs 7x7/2 conv + maxpool ImageNet stem
     assert net.layer1(net.maxpool(net.conv1(torch.randn(1, 3, size, size)))).shape[-1] == out_hw
@@ -173,6 +174,20 @@ def test_resnet_shapes_and_norms(stem, size, out_hw, norm):
     has_ws = any(isinstance(m, common.WSConv2d) for m in net.modules())
     assert (has_bn, has_gn, has_ws) == (norm == "bn", norm in ("gn", "gn_ws"), norm == "gn_ws")
     assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 20   # 17 + 3 shortcuts
+
+
+def test_resnet_depth_34_has_the_papers_stages_at_any_width():
+    """depth=34: [3, 4, 6, 3] BasicBlocks (18: [2, 2, 2, 2]) at the asked width; BYOL builds it
+    from the Config field, and an unknown depth is a usage error."""
+    for depth, blocks in ((18, [2, 2, 2, 2]), (34, [3, 4, 6, 3])):
+        net = common.ResNet(width=4, stem="cifar", norm="bn", depth=depth)
+        assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == blocks
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 32) and net.out_dim == 32
+        assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 1 + 2 * sum(blocks) + 3   # + 3 shortcuts
+    model = common.BYOL(dataclasses.replace(SMALL, depth=34))
+    assert len(model.online_encoder.layer3) == 6 and len(model.target_encoder.layer3) == 6
+    with pytest.raises(harness.UsageError, match="depth must be one of 18, 34"):
+        harness.check_config(dataclasses.replace(SMALL, depth=50))
 
 
 def test_weight_standardized_conv_is_invariant_to_weight_scale_and_shift():
@@ -204,6 +219,89 @@ def test_target_is_a_copy_without_gradient_and_loss_matches_hand_computation():
     cos = nn.functional.cosine_similarity
     hand = (1 - cos(p1, t2)).mean() + (1 - cos(p2, t1)).mean()
     assert torch.allclose(out["loss"], hand, atol=1e-5)
+
+
+def _step(model, v1, v2):
+    """One forward and backward: the outputs and every online gradient."""
+    model.zero_grad()
+    out = model(v1, v2)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_simsiam_skips_the_target_with_the_same_numbers():
+    """base_tau 0 (constant): the target is the online network under a stop-gradient, so forward
+    uses the online projections, detached, and runs no target forward. The loss, every gradient,
+    every statistic and a whole run's rows are those of running the target (the flag off)."""
+    cfg = dataclasses.replace(SMALL, base_tau=0.0, epochs=1, eval_every=0)
+    assert common.BYOL(cfg).target_is_online and not common.BYOL(SMALL).target_is_online
+    assert not common.BYOL(dataclasses.replace(cfg, tau_schedule="cosine")).target_is_online   # tau rises to 1
+    v1, v2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    common.set_seed(0)
+    skip = common.BYOL(cfg)
+    common.set_seed(0)
+    full = common.BYOL(cfg)
+    full.target_is_online = False
+    calls = []
+    skip.target_encoder.register_forward_hook(lambda *a: calls.append(1))
+    (out_s, g_s), (out_f, g_f) = _step(skip, v1, v2), _step(full, v1, v2)
+    assert calls == []   # the skip path never ran the target
+    assert g_s.keys() == g_f.keys() and all(torch.equal(g_s[n], g_f[n]) for n in g_s)
+    for k in ("loss", "new_keys", "z", *common.STATS[1:]):
+        assert torch.equal(out_s[k], out_f[k]), k
+    assert not out_s["new_keys"].requires_grad
+
+    def full_target(cfg):
+        model = common.BYOL(cfg)
+        model.target_is_online = False
+        return model
+    data = common.make_synthetic(256, 128)
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in common.train_byol(cfg, data=data)]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"}
+                     for r in common.train_byol(cfg, data=data, model_fn=full_target)]
+
+    class OwnTarget(common.BYOL):   # a subclass with its own target keeps running it
+        def target(self, v):
+            return super().target(v)
+    assert not OwnTarget(cfg).target_is_online
+
+
+def test_loss_encoder_and_ema_twins_are_extension_points():
+    """A subclass overrides BYOL.loss (forward calls it with the normalized predictions and
+    target projections), build_encoder, and EMA_PAIRS: a target predictor is made as a copy without
+    gradient, left out of the optimizer's groups, and moved by train_step with rate tau."""
+    class OneSided(common.BYOL):
+        def loss(self, p1, p2, t1, t2):
+            return 2 * (1 - (p1 * t2).sum(1)).mean()
+    torch.manual_seed(0)
+    model = OneSided(SMALL)
+    v1, v2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    out = model(v1, v2)
+    with torch.no_grad():
+        _, p1 = model.online(v1)
+        hand = 2 * (1 - nn.functional.cosine_similarity(p1, model.target(v2))).mean()
+    assert torch.allclose(out["loss"], hand, atol=1e-6)
+
+    class Small(common.BYOL):
+        def build_encoder(self, cfg):
+            net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            net.out_dim = 8
+            return net
+    small = Small(SMALL)
+    assert small.online_projector[0].in_features == 8 and small.target_encoder[0].weight.shape == (8, 3, 3, 3)
+
+    class TargetPredictor(common.BYOL):
+        EMA_PAIRS = common.BYOL.EMA_PAIRS + (("target_predictor", "predictor"),)
+    model = TargetPredictor(SMALL)
+    assert all(torch.equal(a, b) and not b.requires_grad
+               for a, b in zip(model.predictor.parameters(), model.target_predictor.parameters()))
+    groups = common.param_groups(model, SMALL)
+    assert not any(n.startswith("target_") for g in groups for n in g["names"])
+    opt = common.LARS(groups, lr=0.1)
+    before = [p.clone() for p in model.target_predictor.parameters()]
+    common.train_step(model, model, opt, v1, v2, 0.75, False)
+    for b, t, o in zip(before, model.target_predictor.parameters(), model.predictor.parameters()):
+        assert not torch.equal(t, b) and torch.allclose(t, 0.75 * b + 0.25 * o, atol=1e-6)
 
 
 def test_views_are_separate_batchnorm_batches():
@@ -630,7 +728,7 @@ def test_probe_does_not_touch_the_encoder():
 
 
 def test_recomputed_bn_stats_are_the_data_statistics():
-    net = common.ResNet18(width=4, stem="cifar", norm="bn")
+    net = common.ResNet(width=4, stem="cifar", norm="bn")
     imgs = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     m, s = common.mean_std("synthetic", "cpu")
     new = common.recompute_bn_stats(net, imgs, m, s, torch.device("cpu"), batch_size=20)
@@ -654,16 +752,16 @@ def _write_cifar(folder, n=20):
 
 def test_cifar_loader_and_errors(tmp_path):
     _write_cifar(tmp_path / harness.CIFAR_DIR)
-    d = common.load_dataset("cifar10", str(tmp_path))
+    d = harness.load_data("cifar10", str(tmp_path))
     assert d["train_x"].shape == (100, 3, 32, 32) and d["train_x"].dtype == torch.uint8
     assert d["test_x"].shape == (20, 3, 32, 32) and d["test_y"].dtype == torch.int64
     raw = pickle.load(open(tmp_path / harness.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
     assert d["train_x"][0, 1, 0, 0] == raw[b"data"][0, 1024]     # planar R, G, B
     with pytest.raises(harness.UsageError, match="looked in"):
-        common.load_dataset("cifar10", str(tmp_path / "nowhere"))
+        harness.load_data("cifar10", str(tmp_path / "nowhere"))
     (tmp_path / harness.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
     with pytest.raises(harness.UsageError, match="unreadable"):
-        common.load_dataset("cifar10", str(tmp_path))
+        harness.load_data("cifar10", str(tmp_path))
 
 
 def test_stl10_loader_reads_the_binary_layout(tmp_path):
@@ -677,14 +775,14 @@ def test_stl10_loader_reads_the_binary_layout(tmp_path):
         x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
     for split, n in (("train", 4), ("test", 6)):
         np.arange(1, n + 1, dtype=np.uint8).tofile(folder / f"{split}_y.bin")
-    d = common.load_dataset("stl10", str(tmp_path))
+    d = harness.load_data("stl10", str(tmp_path))
     assert d["pretrain_x"].shape == (7, 3, 96, 96)
     assert torch.equal(d["test_x"], torch.from_numpy(images["test"]))
     assert torch.equal(d["pretrain_x"][4:], torch.from_numpy(images["unlabeled"]))
     assert d["train_y"].tolist() == [0, 1, 2, 3]                 # 1..10 on disk -> 0..9
     (folder / "test_X.bin").write_bytes(b"\x00" * 1000)
     with pytest.raises(harness.UsageError, match="whole number"):
-        common.load_dataset("stl10", str(tmp_path))
+        harness.load_data("stl10", str(tmp_path))
 
 
 # ------------------------------------------------------------------- training loop
@@ -701,6 +799,23 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
     assert a == b
     assert a[-1]["loss"] != c[-1]["loss"]
     assert [r["epoch"] for r in a] == [0, 1] and a[0]["loss"] is None and a[1]["probe_acc"] is not None
+
+
+def test_the_research_code_stands_on_its_own():
+    """common.py imports no module of the repo, and train_byol runs from a Config alone, as in a
+    notebook: one process, no checkpoint, the synthetic data made, the device picked, the harness
+    never imported. (The same call at the default width, Config(dataset="synthetic", epochs=1),
+    takes minutes on 2 cores; this one is narrower.)"""
+    tree = ast.parse((ROOT / "common.py").read_text())
+    imported = ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+    assert imported and not imported & {p.stem for p in ROOT.glob("*.py")}
+    code = ("import sys\nfrom common import Config, train_byol\n"
+            "rows = train_byol(Config(dataset='synthetic', epochs=1, width=4, mlp_hidden_dim=32, proj_dim=16, "
+            "batch_size=64))\nprint([r['epoch'] for r in rows], rows[-1]['probe_acc'] > 0, 'harness' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-2] == "[0, 1] True False"
 
 
 AVX2_STEP = """
@@ -818,7 +933,7 @@ def test_checkpoints_after_the_first_epoch_then_at_most_every_interval(monkeypat
     for every, expected in ((1e9, [0, 1]), (0, [0, 1, 2, 3])):
         saved.clear()
         monkeypatch.setattr(harness, "CHECKPOINT_EVERY_S", every)
-        common.train_byol(cfg, data=data, checkpoint=tmp_path / "c.pt")
+        common.train_byol(cfg, data=data, checkpoint=harness.Checkpoints(tmp_path / "c.pt"))
         assert saved == expected
 
 

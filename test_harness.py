@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,17 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
         assert epochs == list(range(max(epochs) + 1))
         last = [r for r in rows if r["variant"] == v][-1]
         assert last["probe_acc"] != ""
+    # the cfg_* cells name everything the hash covers: variants with the same cells (a hook's
+    # name included) have the same settings, so a hook variant never reads as its baseline
+    cells = {r["variant"]: (tuple(r[c] for c in sorted(r) if c.startswith("cfg_") and c != "cfg_hash"), r["cfg_hash"])
+             for r in rows}
+    for a in cells:
+        assert all(cells[a][1] == cells[b][1] for b in cells if cells[a][0] == cells[b][0]), a
+    for k in harness.HOOKS:
+        if any(k in mod.VARIANTS[v] for v in variants):
+            assert {r["variant"]: r[f"cfg_{k}"] for r in rows} == {
+                v: harness.hook_name(mod.VARIANTS[v][k]) if k in mod.VARIANTS[v] else harness.HOOK_DEFAULTS[k]
+                for v in variants}
     if script != "exp_table1_norms.py" and not any(set(harness.HOOKS) & set(mod.VARIANTS[v]) for v in variants):
         return
     # rerunning reuses the finished runs instead of duplicating them
@@ -307,7 +319,7 @@ def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path,
     ckpt = tmp_path / "run.pt"
     ckpt.write_bytes(b"PK\x03\x04 truncated")
     cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
-    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=ckpt)
+    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=harness.Checkpoints(ckpt))
     assert [r["epoch"] for r in rows] == [0, 1]
     assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
 
@@ -427,7 +439,7 @@ def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
     # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
     monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != folder)
     with pytest.raises(harness.UsageError, match="permission denied"):
-        common.load_dataset("cifar10", str(tmp_path))
+        harness.load_data("cifar10", str(tmp_path))
 
 
 def test_diverged_run_stops_and_is_recorded(tmp_path):
@@ -484,6 +496,10 @@ def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     r = _run([str(ROOT / "merge_results.py"), str(a), str(torn), "--out", str(tmp_path / "t.csv")], tmp_path)
     assert r.returncode == 0 and "torn" in r.stderr
     assert sorted(r["seed"] for r in _rows(tmp_path / "t.csv")) == ["0", "1", "2"]
+    older = tmp_path / "older.csv"                     # the same numbers from other library code: one run
+    harness.rewrite_rows(older, list(_rows(a)[0]), [dict(r, lib_hash="0" * 12) for r in _rows(a)])
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(older), "--out", str(tmp_path / "o.csv")], tmp_path)
+    assert r.returncode == 0 and len(_rows(tmp_path / "o.csv")) == len(_rows(a)), r.stderr
     bad = tmp_path / "bad.csv"
     lines = a.read_text().splitlines()
     cells = lines[1].split(",")
@@ -659,9 +675,11 @@ def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
     ("exp_lars", "steps", "bn_sgd_no_mlp_bn_conv_wd", "results/steps/c1/lars_steps.csv"),
     ("exp_collapse_depth", "steps", "d1_lrB_b64", "results/steps/depth/collapse_depth_steps.csv")])
 def test_committed_results_hash_as_a_rerun_of_their_command(script, preset, variant, path):
-    """A rerun of the command that made a committed CSV computes the cfg_hash in it, so it would
-    reuse those rows: the fields added since (harness.LATER_FIELDS) leave the hash alone at their
-    defaults. (The older encoder_gn_cpu.csv rows predate the image_size field: results/README.md.)"""
+    """The settings part of a rerun's hash (config_hash without the script's code) is the cfg_hash
+    in a committed CSV: the fields added since (harness.LATER_FIELDS) leave it alone at their
+    defaults. The committed rows predate hashing the script's code, so a rerun now trains them
+    again once (test_an_edit_anywhere_in_the_script_retrains covers the code part). (The older
+    encoder_gn_cpu.csv rows predate the image_size field: results/README.md.)"""
     mod = __import__(script)
     args = harness.get_parser("", mod.PRESETS, mod.VARIANTS).parse_args(["--preset", preset, "--variants", variant,
                                                                          "--device", "cpu"])
@@ -743,6 +761,104 @@ def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
     exec("def made_by_exec(model, cfg):\n    return []", namespace)
     with pytest.raises(harness.UsageError, match="source code cannot be read"):
         harness.hook_identity(namespace["made_by_exec"])
+
+
+EDITED_SCRIPT = '''"""a copied script: a one-sided loss whose code reaches outside the hook"""
+import common
+import harness
+
+LOSS_SCALE = 2.0   # one term for the symmetric loss's two
+_library_ema = common.ema_update_
+
+
+def scaled(x):
+    return LOSS_SCALE * x
+
+
+def ema_update_(target, online, tau):   # a patched library function
+    _library_ema(target, online, tau)
+
+
+common.ema_update_ = ema_update_
+
+
+class Base(common.BYOL):
+    EMA_PAIRS = common.BYOL.EMA_PAIRS
+
+
+class OneSided(Base):
+    def loss(self, p1, p2, t1, t2):
+        return scaled((1 - (p1 * t2).sum(1)).mean())
+
+
+VARIANTS = {"one_sided": dict(model_fn=OneSided)}
+if __name__ == "__main__":
+    harness.main("edited", __doc__, common.TABLE1_PRESETS, VARIANTS)
+'''
+
+
+def test_an_edit_anywhere_in_the_script_retrains(tmp_path):
+    """The whole script is hashed, not only the hook: editing a module constant, a helper the hook
+    calls, a base class, or a patched library function each trains again. A docstring or comment
+    does not, nor does a new variant for the others; a rerun that trains nothing says nothing of
+    training anew; a run reused from other library code (lib_hash) is counted in one line."""
+    script, path = tmp_path / "exp_edited.py", tmp_path / "edited_smoke.csv"
+    text = EDITED_SCRIPT
+
+    def run(old=None, new=None):
+        nonlocal text
+        text = text if old is None else text.replace(old, new)
+        assert old is None or old != new and old in EDITED_SCRIPT
+        script.write_text(text)
+        r = _run_copied(script, tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    first = run()
+    assert "epoch   1" in first and {r["cfg_model_fn"] for r in _rows(path)} == {"OneSided"}
+    again = run()
+    assert "reused 1 finished run(s)" in again and "train anew" not in again and "epoch   1" not in again
+    rows = _rows(path)
+    harness.rewrite_rows(path, list(rows[0]), [dict(r, lib_hash="0" * 12) for r in rows])   # as if older library code
+    old_lib = run('"""a copied script: a', '"""A copied script (edited docstring): a')   # and a docstring edit
+    assert "reused 1 finished run(s)" in old_lib
+    assert "1 of the reused run(s) were trained by other library code" in old_lib
+    run("# one term", "# (an edited comment) one term")
+    assert "reused 1" in run()
+    twin = 'EMA_PAIRS = common.BYOL.EMA_PAIRS + (("target_predictor", "predictor"),)'
+    for old, new in [("LOSS_SCALE = 2.0", "LOSS_SCALE = 1.0"),                               # a module constant
+                     ("return LOSS_SCALE * x", "return LOSS_SCALE * x * 1.5"),                # a helper the hook calls
+                     ("EMA_PAIRS = common.BYOL.EMA_PAIRS", twin),                             # a base class
+                     ("_library_ema(target, online, tau)", "_library_ema(target, online, max(tau, 0.5))")]:   # a patch
+        out = run(old, new)
+        assert "reused" not in out and "epoch   1" in out and "these train anew" in out, old
+    trained = len({r["cfg_hash"] for r in _rows(path)})
+    assert trained == 5
+    out = run('VARIANTS = {"one_sided": dict(model_fn=OneSided)}',
+              'VARIANTS = {"one_sided": dict(model_fn=OneSided), "byol": dict()}')   # a new variant
+    assert "reused 1 finished run(s)" in out and "[byol seed 0]" in out and "[one_sided seed 0]" not in out
+    assert {r["cfg_model_fn"] for r in _rows(path) if r["variant"] == "byol"} == {"BYOL"}
+
+
+def test_a_csv_from_before_the_code_columns_gains_them_and_others_are_refused(tmp_path, capsys):
+    """A CSV written before lib_hash and the cfg_<hook> columns (every CSV of results/) is rewritten
+    with them, empty, its rows kept, when a run opens it; a CSV with any other difference in its
+    columns is still refused."""
+    header = harness.COLUMNS + ["cfg_hash", "lib_hash", "cfg_lr", "cfg_model_fn"]
+    old_header = [c for c in header if c not in ("lib_hash", "cfg_model_fn")]
+    row = dict(exp="x", variant="v", seed="0", epoch="1", loss="0.5", cfg_hash="abc", cfg_lr="0.1")
+    path = tmp_path / "x_smoke.csv"
+    harness.rewrite_rows(path, old_header, [row])
+    args = SimpleNamespace(out=str(tmp_path), fresh=False)
+    configs = {"v": dataclasses.replace(SMALL, epochs=1)}
+    _, lock, done, other, _ = harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs)
+    lock.close()
+    assert (done, other) == (set(), {("v", 0, "abc")})
+    assert "added column(s) lib_hash, cfg_model_fn, empty in its 1 earlier row(s)" in capsys.readouterr().out
+    (kept,) = _rows(path)
+    assert list(kept) == header and kept == {**{c: "" for c in header}, **row}
+    harness.rewrite_rows(path, old_header + ["cfg_momentum"], [row])
+    with pytest.raises(harness.UsageError, match="exists with other columns"):
+        harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs)
 
 
 def test_a_norm_registered_by_name_is_validated_hashed_and_in_the_csv(tmp_path):
