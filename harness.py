@@ -524,11 +524,25 @@ HOOK_DEFAULTS = {"model_fn": "BYOL", "groups_fn": "param_groups", "metrics_fn": 
 
 
 def hook_name(fn):
-    """A hook's qualified name (the cfg_<hook> column), with a partial's bound arguments."""
+    """A hook's qualified name (the cfg_<hook> column), with a partial's bound arguments and a
+    closure's values, so two hooks made by one factory with other arguments read apart."""
     if isinstance(fn, functools.partial):
         bound = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in fn.keywords.items()]
         return f"partial({', '.join([hook_name(fn.func), *bound])})"
-    return getattr(fn, "__qualname__", type(fn).__name__)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    if inspect.isfunction(fn) and fn.__closure__:
+        def short(v):   # a plain value as written, anything else by its name
+            if v is None or isinstance(v, (str, int, float, bool, tuple, list)):
+                return repr(v)
+            return getattr(v, "__qualname__", type(v).__name__)
+        def content(cell):
+            try:
+                return short(cell.cell_contents)
+            except ValueError:   # a cell not filled yet
+                return "?"
+        cells = [f"{n}={content(c)}" for n, c in zip(fn.__code__.co_freevars, fn.__closure__)]
+        name += f"[{', '.join(cells)}]"
+    return name
 
 
 def hook_identity(fn):

@@ -813,7 +813,7 @@ def test_the_research_code_stands_on_its_own():
     code = ("import sys\nfrom common import Config, train_byol\n"
             "rows = train_byol(Config(dataset='synthetic', epochs=1, width=4, mlp_hidden_dim=32, proj_dim=16, "
             "batch_size=64))\nprint([r['epoch'] for r in rows], rows[-1]['probe_acc'] > 0, 'harness' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = conftest.run([sys.executable, "-c", code], cwd=ROOT, timeout=240)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[-2] == "[0, 1] True False"
 

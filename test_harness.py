@@ -934,3 +934,18 @@ def test_gpu_report_runs_every_section_on_the_cpu(tmp_path):
     assert ("no_norm collapsed" in text) == (neg >= 0.99) and ("no_norm did NOT collapse" in text) == (neg < 0.99)
     import gpu_report   # the report goes to runs/ unless told otherwise, never into results/
     assert gpu_report.get_parser().parse_args([]).out == "runs/gpu_report.txt"
+
+
+def _decay_on(*prefixes):
+    def groups(model, cfg):
+        return prefixes
+    return groups
+
+
+def test_hooks_made_by_one_factory_read_apart_in_the_csv():
+    """A closure's values are part of its cfg_<hook> name, as a partial's arguments are, so two
+    variants built by one factory (exp_mechanism.py's decay_on) never share their cfg_* cells."""
+    a, b = _decay_on("conv", "predictor."), _decay_on("predictor.")
+    assert harness.hook_name(a) == "_decay_on.<locals>.groups[prefixes=('conv', 'predictor.')]"
+    assert harness.hook_name(a) != harness.hook_name(b)
+    assert harness.hook_name(_decay_on) == "_decay_on"
