@@ -681,6 +681,9 @@ def get_parser():
     p.add_argument("--steps-per-epoch", type=int, default=78,
                    help="optimizer steps per epoch of the CSVs' runs (--recovery; default 78: the appendix's "
                         "cpu and steps presets, 5,000 images at batch 64)")
+    p.add_argument("--mechanism-epochs", type=int, default=0, metavar="N",
+                   help="--recovery: draw <name>_mechanism.png over epochs 0..N only (default: every epoch), "
+                        "to compare runs of different lengths over the shorter one")
     return p
 
 
@@ -688,6 +691,8 @@ def main(argv):
     args = get_parser().parse_intermixed_args(argv)
     if args.steps_per_epoch < 1:
         raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be >= 1")
+    if args.mechanism_epochs < 0:
+        raise UsageError(f"--mechanism-epochs {args.mechanism_epochs}: must be >= 0")
     paths = args.csvs or ([] if args.table or args.recovery or args.depth
                           else sorted(str(p) for p in Path("results").glob("*.csv")))
     if not paths:
@@ -724,6 +729,8 @@ def main(argv):
         recovery_figures(paths, out, args.steps_per_epoch)
         runs = read_runs(paths)
         print(recovery_verdicts(runs, args.steps_per_epoch))
+        if args.mechanism_epochs:
+            runs = {k: {e: r for e, r in by.items() if e <= args.mechanism_epochs} for k, by in runs.items()}
         mechanism_figure(runs, out, names[paths[0]])
         return
     if args.depth:
