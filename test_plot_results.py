@@ -189,3 +189,18 @@ def test_recovery_verdicts_follow_the_criterion_seed_by_seed():
                        ("d1", "0"): "yes", ("d1", "1"): "no", ("d1", "2"): "no"}
     assert "0.50 -> 0.60" in lines[("c1", "0")] and "0.70 -> 0.55" in lines[("c1", "1")]
     assert "780 (1%)" in lines[("c1", "0")] and "+5.5" in lines[("d1", "0")]
+
+
+def test_mechanism_figure_and_where_a_collapse_ends(tmp_path):
+    """left_collapse: the first epoch after the collapse (>= 0.999) back at <= 0.99, none if it never
+    is; the figure is drawn only from runs that log the conv weights' angles, and --mechanism-epochs
+    cuts every run to the same epochs."""
+    cols = {"w_norm:layer1": "1.0", "angle:layer1": "0.001", "z_rank": "3", "y_rank": "9", "neg_gap": "0.01"}
+    runs = {("c1", 0): {e: dict(cols, neg_cos=str(n), probe_acc="20") for e, n in
+                        [(0, 0.5), (1, 0.9995), (2, 0.995), (3, 0.98), (4, 0.9)]},
+            ("c1_norm_held", 0): {e: dict(cols, neg_cos="0.9999", probe_acc="20") for e in range(5)}}
+    assert plot_results.left_collapse(runs[("c1", 0)]) == 3
+    assert plot_results.left_collapse(runs[("c1_norm_held", 0)]) is None
+    assert plot_results.mechanism_figure(runs, tmp_path, "m").stat().st_size > 10000
+    no_angles = {k: {e: {"neg_cos": r["neg_cos"]} for e, r in by.items()} for k, by in runs.items()}
+    assert plot_results.mechanism_figure(no_angles, tmp_path, "none") is None
