@@ -193,8 +193,7 @@ def test_recovery_verdicts_follow_the_criterion_seed_by_seed():
 
 def test_mechanism_figure_and_where_a_collapse_ends(tmp_path):
     """left_collapse: the first epoch after the collapse (>= 0.999) back at <= 0.99, none if it never
-    is; the figure is drawn only from runs that log the conv weights' angles, and --mechanism-epochs
-    cuts every run to the same epochs."""
+    is; the figure is drawn only from runs that log the conv weights' angles."""
     cols = {"w_norm:layer1": "1.0", "angle:layer1": "0.001", "z_rank": "3", "y_rank": "9", "neg_gap": "0.01"}
     runs = {("c1", 0): {e: dict(cols, neg_cos=str(n), probe_acc="20") for e, n in
                         [(0, 0.5), (1, 0.9995), (2, 0.995), (3, 0.98), (4, 0.9)]},
