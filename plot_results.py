@@ -477,12 +477,13 @@ def recovered_fractions(runs, steps_per_epoch):
     return out
 
 
-def recovery_figures(paths, out_dir, steps_per_epoch):
+def recovery_figures(paths, out_dir, steps_per_epoch, runs=None):
     """<out>/recovery_<family>.png for each of c1, d1, d2 in the CSVs, and <out>/recovery_fraction.csv.
     Panels: probe, negative cosine, recovered fraction, against the fraction of the blog's 131,200
     steps; each seed a thin line, the mean over seeds a thick one, the healthy reference in black,
-    the blog's readings (SPEC.md section 3) as red crosses. Returns the paths written."""
-    runs = read_runs(paths)
+    the blog's readings (SPEC.md section 3) as red crosses. runs: read_runs(paths), where the
+    caller has read them already. Returns the paths written."""
+    runs = runs if runs is not None else read_runs(paths)
     fractions = recovered_fractions(runs, steps_per_epoch)
     written = []
     for family in FAMILIES:
@@ -726,8 +727,8 @@ def main(argv):
     if args.recovery:
         for path in paths:
             print(recovery(path, args.steps_per_epoch))
-        recovery_figures(paths, out, args.steps_per_epoch)
         runs = read_runs(paths)
+        recovery_figures(paths, out, args.steps_per_epoch, runs)
         print(recovery_verdicts(runs, args.steps_per_epoch))
         if args.mechanism_epochs:
             runs = {k: {e: r for e, r in by.items() if e <= args.mechanism_epochs} for k, by in runs.items()}
