@@ -640,7 +640,8 @@ def mechanism_figure(runs, out_dir, name, stage="layer1"):
                 ax.axvline(leave, color=colors[v], lw=0.7, alpha=0.5)
         wd, lr = num(by_epoch[es[-1]], "cfg_weight_decay"), num(by_epoch[es[-1]], "lr")
         if wd and lr:
-            equilibria[v] = (2 * lr * wd / 1.9) ** 0.5   # momentum 0.9
+            momentum = num(by_epoch[es[-1]], "cfg_momentum") or 0.9   # as recovery(): the Config default
+            equilibria[v] = (2 * lr * wd / (1 + momentum)) ** 0.5
         handles.append(Line2D([], [], **kw, label=f"{v} seed {seed}" + (f", back at <= 0.99 at epoch {leave}" if leave else "")))
     for v, eq in equilibria.items():
         axes[2].axhline(eq, color=colors[v], ls=":", lw=1)
