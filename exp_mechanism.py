@@ -18,7 +18,9 @@ weights only, steps preset) and change one thing:
                     weights
     c1_conv_pred    decay on the conv weights and the predictor's       (which MLP's decay blocks
     c1_conv_proj    ... and the projector's weight matrices              the recovery: exp_lars.py's
-    c1_pred_only    decay on the predictor's weight matrices only        wd_weights, conv + both, does)
+    c1_pred_only    decay on the predictor's weight matrices only        wd_weights, conv + both, does;
+    c1_proj_only    decay on the projector's weight matrices only        DirectPred's predictor-only
+                                                                        decay: issue 28)
 
 (b), derived (Li & Arora 2020, Theorem 1.1, redone for our SGD): with heavy-ball momentum mu,
 decay lambda and lr eta, w_t = (1 + mu - eta lambda) w_{t-1} - mu w_{t-2} - eta grad L(w_{t-1}). For a
@@ -145,6 +147,7 @@ VARIANTS = {
     "c1_conv_pred": dict(C1, groups_fn=decay_on("conv", "predictor.")),
     "c1_conv_proj": dict(C1, groups_fn=decay_on("conv", "online_projector.")),
     "c1_pred_only": dict(C1, groups_fn=decay_on("predictor.")),
+    "c1_proj_only": dict(C1, groups_fn=decay_on("online_projector.")),
 }
 
 if __name__ == "__main__":

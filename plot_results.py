@@ -414,8 +414,15 @@ BLOG_D1_NEG_COS = [(2, 1.0), (100, 1.0), (140, 0.07), (165, 0.62), (320, 0.56)]
 # D2 [fig:weight_std_distance]: ~1.0 for epochs 0-18, 0.1 at ~20, then peaks and troughs, settling at 0.22
 BLOG_D2_NEG_COS = [(0, 1.0), (18, 1.0), (20, 0.1), (32, 0.39), (55, 0.78), (73, 0.87), (93, 0.44), (115, 0.96),
                    (135, 0.96), (160, 0.43), (180, 0.0), (200, 0.22), (320, 0.22)]
+# D1's and D2's final probes, 56 and 51 (the text), as fractions of the GN + BN-MLP control's 75.1
+# (epoch 319) over the GN runs' untrained 33.8 ([fig:accuracy_resnet_group_norm], epoch 0)
+BLOG_GN_UNTRAINED, BLOG_GN_HEALTHY = 33.8, 75.1
+BLOG_D_FRACTION = {f: [(320, (p - BLOG_GN_UNTRAINED) / (BLOG_GN_HEALTHY - BLOG_GN_UNTRAINED))]
+                   for f, p in (("d1", 56.0), ("d2", 51.0))}   # 0.54, 0.42
 BLOG_MARKS = {("c1", "fraction"): BLOG_C1_FRACTION, ("d1", "neg_cos"): BLOG_D1_NEG_COS,
-              ("d2", "neg_cos"): BLOG_D2_NEG_COS}
+              ("d2", "neg_cos"): BLOG_D2_NEG_COS, ("d1", "fraction"): BLOG_D_FRACTION["d1"],
+              ("d2", "fraction"): BLOG_D_FRACTION["d2"]}
+MARK_NAMES = {"fraction": "recovered fraction", "neg_cos": "negative cosine"}
 FAMILIES = ("c1", "d1", "d2")
 FAMILY_NAMES = {"c1": "C1, BN encoder without BN in the MLPs (SGD)",
                 "d1": "D1, GroupNorm encoder without any BN (SGD + weight decay)",
@@ -539,7 +546,7 @@ def recovery_figures(paths, out_dir, steps_per_epoch, runs=None):
         marks = [what for (fam, what) in BLOG_MARKS if fam == family]
         if marks:
             handles.append(Line2D([], [], color="C3", marker="X", ls=":", lw=0.8, ms=8,
-                                  label=f"blog's {'recovered fraction' if marks[0] == 'fraction' else 'negative cosine'} "
+                                  label=f"blog's {' and '.join(MARK_NAMES[m] for m in marks)} "
                                         f"(SPEC.md section 3; x = blog epoch / 320)"))
         axes[0].set(ylabel="linear probe accuracy (%)", title="Linear evaluation accuracy")
         axes[1].set(ylabel="negative cosine (1 = collapse)", title="Negative cosine", ylim=(-0.05, 1.05))

@@ -154,12 +154,18 @@ def test_recovery_figure_marks_the_blog_and_names_the_borrowed_reference(monkeyp
     assert marks[0].get_xdata()[-1] == pytest.approx(319 / 320)
     d2_marks = [ln for ln in figs["recovery_d2.png"].axes[1].lines if ln.get_marker() == "X"]
     assert d2_marks and d2_marks[0].get_ydata()[-1] == 0.22
+    d2_fraction = [ln for ln in figs["recovery_d2.png"].axes[2].lines if ln.get_marker() == "X"]
+    assert d2_fraction and round(d2_fraction[0].get_ydata()[0], 2) == 0.42 and d2_fraction[0].get_xdata()[0] == 1.0
+    d2_labels = [t.get_text() for t in figs["recovery_d2.png"].legends[0].get_texts()]
+    assert any("negative cosine and recovered fraction" in t for t in d2_labels)
 
 
 def test_the_blogs_c1_fractions_are_spec_md_readings():
     """SPEC.md section 3, C1's table: (SGD no-BN-MLP - 28.0) / (SGD BN-MLP - 28.0)."""
     got = {e: round(f, 2) for e, f in plot_results.BLOG_C1_FRACTION}
     assert (got[20], got[30], got[100], got[319]) == (0.42, 0.70, 0.79, 0.83)
+    # D1's 56 and D2's 51 over the GN runs' untrained 33.8 and GN + BN-MLP 75.1: the issue's 0.54 and 0.42
+    assert [round(plot_results.BLOG_D_FRACTION[f][0][1], 2) for f in ("d1", "d2")] == [0.54, 0.42]
 
 
 def _runs(spec):
