@@ -39,20 +39,23 @@ UNCOMPARED = ("wall_s", "lib_hash")   # cells of one run that may differ between
 
 
 def merge(paths):
-    header, merged = None, {}
-    for path in paths:
-        fields, rows = read_csv(path)
+    """(header, rows). The files must share their columns, except that one written before the
+    library's later columns (lib_hash, cfg_<hook>: harness.LATER_COLUMNS) may lack them; its rows
+    get those cells empty, as harness.read_rows upgrades such a file."""
+    read = [(path, *read_csv(path)) for path in paths]
+    headers = [fields for _, fields, _ in read if fields is not None]
+    header = max(headers, key=len, default=None)
+    merged = {}
+    for path, fields, rows in read:
         if fields is None:
             continue
-        if header is None:
-            header = fields
-        elif fields != header:
+        if fields != header and fields != [c for c in header if c not in harness.LATER_COLUMNS]:
             raise harness.UsageError(f"{path} has other columns than {paths[0]}")
         for r in rows:
             key = (r["variant"], r.get("cfg_hash", ""), r["seed"], r["epoch"])
             other = merged.setdefault(key, r)
-            if ({k: v for k, v in other.items() if k not in UNCOMPARED}
-                    != {k: v for k, v in r.items() if k not in UNCOMPARED}):
+            shared = (set(other) & set(r)) - set(UNCOMPARED)
+            if any(other[k] != r[k] for k in shared):
                 raise harness.UsageError(f"{path}: variant {key[0]} seed {key[2]} epoch {key[3]} disagrees "
                                         f"with an earlier file")
     if header is None:

@@ -16,7 +16,8 @@ the panels; the title names the finding. Also:
     python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
     python plot_results.py --recovery results/steps/lars_steps.csv [--steps-per-epoch 78]
             # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered;
-            # for exp_recovery.py CSVs also <out>/recovery_<c1|d1|d2>.png and recovery_fraction.csv
+            # for exp_recovery.py CSVs also <out>/recovery_<c1|d1|d2>.png and recovery_fraction.csv;
+            # with the conv-weight columns also <out>/<name>_<c1|d1|d2>_mechanism.png
     python plot_results.py --depth results/steps/depth/collapse_depth_steps.csv
             # markdown and figure: each lever's last-epoch loss, gaps and z_std
 
@@ -691,7 +692,7 @@ def get_parser():
                    help="optimizer steps per epoch of the CSVs' runs (--recovery; default 78: the appendix's "
                         "cpu and steps presets, 5,000 images at batch 64)")
     p.add_argument("--mechanism-epochs", type=int, default=0, metavar="N",
-                   help="--recovery: draw <name>_mechanism.png over epochs 0..N only (default: every epoch), "
+                   help="--recovery: draw <name>_<family>_mechanism.png over epochs 0..N only (default: every epoch), "
                         "to compare runs of different lengths over the shorter one")
     return p
 
@@ -726,7 +727,7 @@ def main(argv):
         stems[Path(path).stem].append(path)
     names = {path: (Path(path).stem if len(stems[Path(path).stem]) == 1 else f"{Path(path).parent.name}_{Path(path).stem}")
              for path in paths}
-    planned = ([out / "recovery_fraction.csv", out / f"{names[paths[0]]}_mechanism.png"] if args.recovery else
+    planned = ([out / "recovery_fraction.csv"] if args.recovery else
                [out / f"{Path(x).stem}_depth.png" for x in paths] if args.depth else
                [out / f"{names[x]}{suffix}.png" for x in paths for suffix in ("", "_vs_blog", "_k_parts")])
     clash = [str(x) for x in planned if x.resolve() in inputs]
@@ -740,7 +741,9 @@ def main(argv):
         print(recovery_verdicts(runs, args.steps_per_epoch))
         if args.mechanism_epochs:
             runs = {k: {e: r for e, r in by.items() if e <= args.mechanism_epochs} for k, by in runs.items()}
-        mechanism_figure(runs, out, names[paths[0]])
+        for family in sorted({v.split("_")[0] for v, _ in runs}):   # c1, d1, ...: one figure each
+            mechanism_figure({k: by for k, by in runs.items() if k[0].split("_")[0] == family}, out,
+                             f"{names[paths[0]]}_{family}")
         return
     if args.depth:
         for path in paths:

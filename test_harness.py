@@ -500,6 +500,18 @@ def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     harness.rewrite_rows(older, list(_rows(a)[0]), [dict(r, lib_hash="0" * 12) for r in _rows(a)])
     r = _run([str(ROOT / "merge_results.py"), str(a), str(older), "--out", str(tmp_path / "o.csv")], tmp_path)
     assert r.returncode == 0 and len(_rows(tmp_path / "o.csv")) == len(_rows(a)), r.stderr
+    before = tmp_path / "before.csv"                   # written before lib_hash: merged, its cells empty
+    header = [c for c in _rows(b)[0] if c != "lib_hash"]
+    harness.rewrite_rows(before, header, [dict(r, seed="7") for r in _rows(b) if r["seed"] == "1"])
+    r = _run([str(ROOT / "merge_results.py"), str(before), str(a), "--out", str(tmp_path / "u.csv")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    merged = _rows(tmp_path / "u.csv")
+    assert list(merged[0]) == list(_rows(a)[0]) and sorted({m["seed"] for m in merged}) == ["0", "7"]
+    assert {m["lib_hash"] for m in merged if m["seed"] == "7"} == {""}
+    other = tmp_path / "other.csv"                     # any other column difference is refused
+    harness.rewrite_rows(other, [c for c in list(_rows(a)[0]) if c != "z_std"], _rows(a))
+    r = _run([str(ROOT / "merge_results.py"), str(a), str(other), "--out", str(tmp_path / "n.csv")], tmp_path)
+    assert r.returncode == 2 and "other columns" in r.stderr
     bad = tmp_path / "bad.csv"
     lines = a.read_text().splitlines()
     cells = lines[1].split(",")

@@ -101,15 +101,16 @@ def test_table1_figure_has_the_blogs_numbers_beside_ours(monkeypatch, tmp_path):
 COLS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "cfg_hash"]
 
 
-def _write(path, runs):
-    """runs: {(variant, seed): [(epoch, probe or None, neg_cos)]}."""
+def _write(path, runs, extra=None):
+    """runs: {(variant, seed): [(epoch, probe or None, neg_cos)]}; extra: {column: value} in every row."""
+    extra = extra or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(COLS)
+        w.writerow(COLS + list(extra))
         for (v, seed), pts in runs.items():
             for e, probe, neg in pts:
                 w.writerow(["recovery", v, seed, e, "" if e == 0 else 0.1, "" if probe is None else probe, 0.9, neg,
-                            f"h_{v}"])
+                            f"h_{v}", *extra.values()])
 
 
 def test_recovery_figures_and_the_fraction_by_hand(tmp_path):
@@ -209,3 +210,14 @@ def test_mechanism_figure_and_where_a_collapse_ends(tmp_path):
     assert plot_results.mechanism_figure(runs, tmp_path, "m").stat().st_size > 10000
     no_angles = {k: {e: {"neg_cos": r["neg_cos"]} for e, r in by.items()} for k, by in runs.items()}
     assert plot_results.mechanism_figure(no_angles, tmp_path, "none") is None
+
+
+def test_one_mechanism_figure_per_family(tmp_path):
+    """--recovery on a CSV with C1 and D1 runs (different lr, wd and dynamics) draws each family's
+    conv-weight curves in its own figure, named <csv stem>_<family>_mechanism.png."""
+    runs = tmp_path / "r.csv"
+    pts = [(0, 20.0, 0.5), (1, 20.0, 0.9995), (2, 25.0, 0.98)]
+    _write(runs, {("c1", 0): pts, ("c1_healthy", 0): pts, ("d1", 0): pts},
+           extra={"w_norm:layer1": 1.0, "angle:layer1": 0.001, "z_rank": 3, "y_rank": 9, "neg_gap": 0.01})
+    plot_results.main(["--recovery", str(runs), "--out", str(tmp_path / "o")])
+    assert sorted(p.name for p in (tmp_path / "o").glob("*mechanism*")) == ["r_c1_mechanism.png", "r_d1_mechanism.png"]
