@@ -43,10 +43,11 @@ sqrt(2 lr wd / (1 + momentum)) at equilibrium under decay (0.0092 for c1 and d2,
 And the effective rank (Roy & Vetterli 2007) of the online projections z and of the encoder's
 eval-mode features y (the probe's input) on the epoch's last batch.
 
-Measured (results/README.md, C1; 41,028 steps, seed 0, one thread, ~80 minutes a run): c1 collapses
-at epoch 4, is back at neg. cos <= 0.99 at epoch 76 as the conv weights' angle per step reaches the
-equilibrium above, and ends at probe 37.3 (untrained 25.1, c1_healthy 48.5): recovered fraction 0.52,
-neg. cos 0.993. d1, d2 and seed 1 are not run yet.
+Measured (results/README.md, C1; 41,028 steps, 2 seeds, one thread, 50-80 minutes a run): c1
+collapses at epoch 4 / 5, is back at neg. cos <= 0.99 at epoch 76 / 62, a few epochs after the conv
+weights' angle per step reaches the equilibrium above, and ends at probe 37.3 / 44.1 (untrained
+25.1 / 25.8, c1_healthy 48.5 / 48.7): recovered fraction 0.52 / 0.80 (the blog's: 0.79), neg. cos
+0.993 / 0.984. Both meet the criterion. d1 (seed 0) is in results/README.md; d2 is not run yet.
 
     python exp_recovery.py --preset steps --variants c1,c1_healthy --seeds 2
 """
