@@ -38,10 +38,10 @@ Expect: (a) stays collapsed and (b) recovers near c1's epoch if the effective-lr
 ends the collapse. Measured, 2 seeds (results/README.md, 'Why the recoveries happen'): (a) stays
 collapsed for 130 epochs in both (neg. cos 0.9997 / 0.9994, probes 5-6 points under the untrained
 encoder); (b) leaves collapse at epoch 72 / 60 against the reference's 74 / 59 and follows it (seed
-0: loss 5.400e-3 against 5.408e-3 at epoch 130) while its conv weights grow 340-520x. Seed 0 of
-c1_conv_pred and c1_conv_proj: both stay collapsed (neg. cos 0.99999 / 0.99998 at 130), c1_conv_pred
-with layer1's angle near equilibrium (0.0068): the rise is needed, not sufficient. c1_pred_only is
-not run yet.
+0: loss 5.400e-3 against 5.408e-3 at epoch 130) while its conv weights grow 340-520x. Decay on
+the conv weights plus either MLP (c1_conv_pred, c1_conv_proj) stays collapsed in 2 of 2 seeds each
+(neg. cos >= 0.99998 at 130), and so does decay on one MLP alone (c1_pred_only, c1_proj_only: 2 of
+2 each, conv angles <= 4e-5 a step): DirectPred's predictor-only rescue does not carry over here.
 
     python exp_mechanism.py --preset steps --seeds 2
 """

@@ -47,7 +47,7 @@ Measured (results/README.md, C1; 41,028 steps, 2 seeds, one thread, 50-80 minute
 collapses at epoch 4 / 5, is back at neg. cos <= 0.99 at epoch 76 / 62, a few epochs after the conv
 weights' angle per step reaches the equilibrium above, and ends at probe 37.3 / 44.1 (untrained
 25.1 / 25.8, c1_healthy 48.5 / 48.7): recovered fraction 0.52 / 0.80 (the blog's: 0.79), neg. cos
-0.993 / 0.984. Both meet the criterion. d1 (seed 0) is in results/README.md; d2 is not run yet.
+0.993 / 0.984. Both meet the criterion. d1 and d2 are not run to 41,028 steps yet.
 
     python exp_recovery.py --preset steps --variants c1,c1_healthy --seeds 2
 """
