@@ -45,12 +45,13 @@ def merge(paths):
     read = [(path, *read_csv(path)) for path in paths]
     headers = [fields for _, fields, _ in read if fields is not None]
     header = max(headers, key=len, default=None)
+    widest = next((path for path, fields, _ in read if fields == header), None)
     merged = {}
     for path, fields, rows in read:
         if fields is None:
             continue
         if fields != header and fields != [c for c in header if c not in harness.LATER_COLUMNS]:
-            raise harness.UsageError(f"{path} has other columns than {paths[0]}")
+            raise harness.UsageError(f"{path} has other columns than {widest}")
         for r in rows:
             key = (r["variant"], r.get("cfg_hash", ""), r["seed"], r["epoch"])
             other = merged.setdefault(key, r)
