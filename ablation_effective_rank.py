@@ -17,8 +17,6 @@ byol, near 1 for no_norm.
 
     python ablation_effective_rank.py --epochs 10
 """
-import torch
-
 import common
 import harness
 
@@ -27,10 +25,7 @@ PRESETS = common.TABLE1_PRESETS
 
 def z_rank(model, views, out):
     """Effective rank of the online projections z of the epoch's last batch (view v)."""
-    z = out["z"].float()
-    s = torch.linalg.svdvals(z - z.mean(0))
-    p = s / s.sum().clamp_min(1e-30)
-    return {"z_rank": torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()}
+    return {"z_rank": common.effective_rank(out["z"].float())}
 
 
 VARIANTS = {"byol": dict(metrics_fn=z_rank), "no_norm": dict(proj_norm="none", pred_norm="none", metrics_fn=z_rank)}

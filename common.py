@@ -841,6 +841,18 @@ def collapse_stats(z1, z2, t1, t2):
     return dict(pos_cos=pos, neg_cos=neg, z_std=z1.std(0).mean(), pos_gap=pos_gap, neg_gap=neg_gap)
 
 
+@torch.no_grad()
+def effective_rank(x):
+    """Effective rank (Roy & Vetterli 2007) of a batch of vectors: exp of the entropy of the
+    normalized singular values of the centered batch. 1 = a line (complete collapse); d = spread
+    evenly over d directions; a few live directions under a dominant one read in between
+    (the dimensional collapse of Jing et al. 2022). In float64: a deep collapse's singular values
+    span more than fp32's range."""
+    s = torch.linalg.svdvals((x - x.mean(0)).double())
+    p = s / s.sum().clamp_min(1e-300)
+    return torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
+
+
 # ====================================================================== EMA / schedules
 
 

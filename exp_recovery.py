@@ -78,13 +78,6 @@ class TrackedBYOL(common.BYOL):
         return super().forward(v1, v2)
 
 
-def effective_rank(x):
-    """exp of the entropy of the normalized singular values of the centered batch (1 = a line)."""
-    s = torch.linalg.svdvals((x - x.mean(0)).double())
-    p = s / s.sum().clamp_min(1e-300)
-    return torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
-
-
 def angle(a, b):
     """The angle between two tensors as vectors, in radians: 2 atan2(|a^ - b^|, |a^ + b^|), exact
     for the small angles of one step (acos of an fp32 cosine rounds below ~3e-4)."""
@@ -104,7 +97,7 @@ def recovery_metrics(model, views, out):
     encoder.eval()   # the probe's features; eval-mode BN neither uses nor changes batch statistics
     y = encoder(views[0])
     encoder.train()
-    return dict(row, z_rank=effective_rank(out["z"].float()), y_rank=effective_rank(y.float()))
+    return dict(row, z_rank=common.effective_rank(out["z"].float()), y_rank=common.effective_rank(y.float()))
 
 
 TRACK = dict(model_fn=TrackedBYOL, metrics_fn=recovery_metrics)

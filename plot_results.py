@@ -622,47 +622,73 @@ def left_collapse(by_epoch, leave_at=0.99):
     return next((e for e, c in neg if start is not None and e > start and c <= leave_at), None)
 
 
-def mechanism_figure(runs, out_dir, name, stage="layer1"):
+# exp_mechanism.py's C1 controls, one row of panels per question; every row also shows c1 (the
+# recovering run) and c1_healthy (the reference). A variant in no row gets a row of its own.
+MECHANISM_ROWS = {"c1": (("Controls that could refute the effective-lr explanation", ("c1_norm_held", "c1_exp_lr")),
+                         ("Where the decay goes: every parameter, conv + one MLP", ("c1_all_decay", "c1_conv_pred", "c1_conv_proj")),
+                         ("Decay on one MLP alone (DirectPred's predictor-only rescue)", ("c1_pred_only", "c1_proj_only")))}
+
+
+def mechanism_rows(runs, family):
+    """[(title, {(variant, seed): by_epoch})]: MECHANISM_ROWS' questions with the family's run and
+    healthy reference added to each; one row of everything when the family has no questions."""
+    base = {k: by for k, by in runs.items() if k[0] in (family, f"{family}_healthy")}
+    rows, placed = [], set(base)
+    for title, variants in MECHANISM_ROWS.get(family, ()):
+        mine = {k: by for k, by in runs.items() if k[0] in variants}
+        if mine:
+            rows.append((title, {**base, **mine}))
+            placed |= set(mine)
+    rest = {k: by for k, by in runs.items() if k not in placed}
+    if rest or not rows:
+        rows.append(("" if not rows else "Other variants", {**base, **rest}))
+    return rows
+
+
+def mechanism_figure(runs, out_dir, name, stage="layer1", family=None):
     """<out>/<name>_mechanism.png for CSVs with exp_recovery.py's columns: the depth of the collapse
     (1 - negative cosine), one stage's conv-weight norm |w|, its angle per step against spherical
     motion dynamics' equilibrium sqrt(2 lr wd / (1 + momentum)) (lr of the run's last epoch, wd
-    from cfg_weight_decay), and the effective rank of z and y. A thin vertical line marks where each
-    run is back at negative cosine <= 0.99 after its collapse."""
+    from cfg_weight_decay), and the effective rank of z and y. One row of panels per question of
+    MECHANISM_ROWS (family: c1, d1, ...). A thin vertical line marks where each run is back at
+    negative cosine <= 0.99 after its collapse; seed 0 solid, others dashed."""
     runs = {k: by for k, by in runs.items() if any(f"angle:{stage}" in r for r in by.values())}
     if not runs:
         return None
-    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(v for v, _ in sorted(runs)))}
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
-    handles, equilibria = [], {}
-    for (v, seed), by_epoch in sorted(runs.items()):
-        kw = dict(color=colors[v], ls="-" if seed == min(s for n, s in runs if n == v) else "--", lw=1.1)
-        es = sorted(e for e in by_epoch if e > 0)
-        for ax, col in zip(axes, ("neg_gap", f"w_norm:{stage}", f"angle:{stage}", "z_rank")):
-            pts = [(e, num(by_epoch[e], col)) for e in es if num(by_epoch[e], col) is not None]
-            ax.plot([e for e, _ in pts], [y for _, y in pts], **kw)
-        pts = [(e, num(by_epoch[e], "y_rank")) for e in es if num(by_epoch[e], "y_rank") is not None]
-        axes[3].plot([e for e, _ in pts], [y for _, y in pts], **dict(kw, lw=0.8, alpha=0.7, ls=":"))
-        leave = left_collapse(by_epoch)
-        if leave is not None:
-            for ax in axes:
-                ax.axvline(leave, color=colors[v], lw=0.7, alpha=0.5)
-        wd, lr = num(by_epoch[es[-1]], "cfg_weight_decay"), num(by_epoch[es[-1]], "lr")
-        if wd and lr:
-            momentum = num(by_epoch[es[-1]], "cfg_momentum") or 0.9   # as recovery(): the Config default
-            equilibria[v] = (2 * lr * wd / (1 + momentum)) ** 0.5
-        handles.append(Line2D([], [], **kw, label=f"{v} seed {seed}" + (f", back at <= 0.99 at epoch {leave}" if leave else "")))
-    for v, eq in equilibria.items():
-        axes[2].axhline(eq, color=colors[v], ls=":", lw=1)
+    colors = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(v for v, _ in sorted(runs)))}
+    rows = mechanism_rows(runs, family)
+    fig, grid = plt.subplots(len(rows), 4, figsize=(20, 4.2 * len(rows)), squeeze=False)
+    handles, equilibria = {}, {}
+    titles = ("Depth of the collapse", f"Conv weight norm, {stage}", f"Angle per step, {stage}", "Effective rank: z (solid), y")
+    ylabels = ("1 - negative cosine", "mean |w| over the stage's convs", "radians", "exp(entropy of singular values)")
+    for axes, (row_title, row_runs) in zip(grid, rows):
+        for (v, seed), by_epoch in sorted(row_runs.items()):
+            kw = dict(color=colors[v], ls="-" if seed == min(s for n, s in runs if n == v) else "--", lw=1.1)
+            es = sorted(e for e in by_epoch if e > 0)
+            for ax, col in zip(axes, ("neg_gap", f"w_norm:{stage}", f"angle:{stage}", "z_rank")):
+                pts = [(e, num(by_epoch[e], col)) for e in es if num(by_epoch[e], col) is not None]
+                ax.plot([e for e, _ in pts], [y for _, y in pts], **kw)
+            pts = [(e, num(by_epoch[e], "y_rank")) for e in es if num(by_epoch[e], "y_rank") is not None]
+            axes[3].plot([e for e, _ in pts], [y for _, y in pts], **dict(kw, lw=0.8, alpha=0.7, ls=":"))
+            leave = left_collapse(by_epoch)
+            if leave is not None:
+                for ax in axes:
+                    ax.axvline(leave, color=colors[v], lw=0.7, alpha=0.5)
+            wd, lr = num(by_epoch[es[-1]], "cfg_weight_decay"), num(by_epoch[es[-1]], "lr")
+            if wd and lr:
+                momentum = num(by_epoch[es[-1]], "cfg_momentum") or 0.9   # as recovery(): the Config default
+                equilibria[v] = (2 * lr * wd / (1 + momentum)) ** 0.5
+                axes[2].axhline(equilibria[v], color=colors[v], ls=":", lw=1)
+            handles[(v, seed)] = Line2D([], [], **kw, label=f"{v} seed {seed}" + (f", back at <= 0.99 at epoch {leave}" if leave else ""))
+        for ax, title, ylabel in zip(axes, titles, ylabels):
+            ax.set(xlabel="epoch", title=f"{row_title}\n{title}" if row_title and ax is axes[0] else title, ylabel=ylabel)
+            if ax is not axes[3]:
+                ax.set_yscale("log")
+    handles = [handles[k] for k in sorted(handles)]
     if equilibria:
         handles.append(Line2D([], [], color="0.3", ls=":", lw=1, label="sqrt(2 lr wd / (1 + momentum)): the angle at "
                               "equilibrium under decay (Wan et al. 2021)"))
     handles.append(Line2D([], [], color="0.3", ls=":", lw=0.8, label="effective rank of y, eval mode (dotted)"))
-    titles = ("Depth of the collapse", f"Conv weight norm, {stage}", f"Angle per step, {stage}", "Effective rank: z (solid), y")
-    ylabels = ("1 - negative cosine", "mean |w| over the stage's convs", "radians", "exp(entropy of singular values)")
-    for ax, title, ylabel in zip(axes, titles, ylabels):
-        ax.set(xlabel="epoch", title=title, ylabel=ylabel)
-        if ax is not axes[3]:
-            ax.set_yscale("log")
     legend_below(fig, handles)
     fig.suptitle(f"What moves when a collapse ends ({name})")
     return save(fig, Path(out_dir) / f"{name}_mechanism.png")
@@ -743,7 +769,7 @@ def main(argv):
             runs = {k: {e: r for e, r in by.items() if e <= args.mechanism_epochs} for k, by in runs.items()}
         for family in sorted({v.split("_")[0] for v, _ in runs}):   # c1, d1, ...: one figure each
             mechanism_figure({k: by for k, by in runs.items() if k[0].split("_")[0] == family}, out,
-                             f"{names[paths[0]]}_{family}")
+                             f"{names[paths[0]]}_{family}", family=family)
         return
     if args.depth:
         for path in paths:

@@ -221,3 +221,18 @@ def test_one_mechanism_figure_per_family(tmp_path):
            extra={"w_norm:layer1": 1.0, "angle:layer1": 0.001, "z_rank": 3, "y_rank": 9, "neg_gap": 0.01})
     plot_results.main(["--recovery", str(runs), "--out", str(tmp_path / "o")])
     assert sorted(p.name for p in (tmp_path / "o").glob("*mechanism*")) == ["r_c1_mechanism.png", "r_d1_mechanism.png"]
+
+
+def test_mechanism_rows_one_question_each_with_its_reference():
+    """The C1 mechanism figure has one row per question; each row holds the recovering run and the
+    healthy reference beside that question's controls, and a variant no question names is not
+    dropped but drawn in a row of its own. A family without questions is one row of everything."""
+    runs = {(v, s): {} for v in ("c1", "c1_healthy", "c1_norm_held", "c1_exp_lr", "c1_pred_only", "c1_new") for s in (0, 1)}
+    rows = plot_results.mechanism_rows(runs, "c1")
+    assert [t for t, _ in rows] == ["Controls that could refute the effective-lr explanation",
+                                    "Decay on one MLP alone (DirectPred's predictor-only rescue)", "Other variants"]
+    assert [sorted({v for v, _ in r}) for _, r in rows] == [["c1", "c1_exp_lr", "c1_healthy", "c1_norm_held"],
+                                                            ["c1", "c1_healthy", "c1_pred_only"],
+                                                            ["c1", "c1_healthy", "c1_new"]]
+    d1 = {(v, 0): {} for v in ("d1", "d1_healthy", "d1_all_decay")}
+    assert plot_results.mechanism_rows(d1, "d1") == [("", d1)]
