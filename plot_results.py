@@ -625,7 +625,7 @@ def left_collapse(by_epoch, leave_at=0.99):
 # exp_mechanism.py's C1 controls, one row of panels per question; every row also shows c1 (the
 # recovering run) and c1_healthy (the reference). A variant in no row gets a row of its own.
 MECHANISM_ROWS = {"c1": (("Controls that could refute the effective-lr explanation", ("c1_norm_held", "c1_exp_lr")),
-                         ("Where the decay goes: every parameter, conv + one MLP", ("c1_all_decay", "c1_conv_pred", "c1_conv_proj")),
+                         ("Where the decay goes", ("c1_all_decay", "c1_conv_pred", "c1_conv_proj")),
                          ("Decay on one MLP alone (DirectPred's predictor-only rescue)", ("c1_pred_only", "c1_proj_only")))}
 
 
