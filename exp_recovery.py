@@ -39,7 +39,8 @@ Logged once an epoch beside the blog's instruments (metrics_fn): for the stem co
 encoder stage, the mean norm |w| of its conv weights, the mean of 1/|w|^2 (x lr = the effective
 lr of a scale-invariant weight), and the mean angle (radians) between each conv weight before and
 after the epoch's last step; spherical motion dynamics (Wan et al. 2021) puts that angle at
-sqrt(2 lr wd / (1 + momentum)) at equilibrium under decay (0.0092 for c1 and d2, 0.0130 for d1).
+sqrt(2 lr wd / (1 + momentum)) at equilibrium under decay (0.0092 for all three:
+lr x wd is 8e-5 in each).
 And the effective rank (Roy & Vetterli 2007) of the online projections z and of the encoder's
 eval-mode features y (the probe's input) on the epoch's last batch.
 
