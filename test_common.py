@@ -1,6 +1,6 @@
 """Tests of the research code, common.py: networks, loss, EMA, LARS, augmentations, probe, data
 loaders, the training loop. CPU only (conftest.py hides GPUs), no downloads:
-pytest -q test_common.py test_harness.py"""
+python -m pytest -q -n 2 test_common.py test_harness.py test_plot_results.py"""
 import ast
 import dataclasses
 import math
