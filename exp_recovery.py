@@ -48,12 +48,13 @@ Measured (results/README.md, C1; 41,028 steps, 2 seeds, one thread, 50-80 minute
 collapses at epoch 4 / 5, is back at neg. cos <= 0.99 at epoch 76 / 62, a few epochs after the conv
 weights' angle per step reaches the equilibrium above, and ends at probe 37.3 / 44.1 (untrained
 25.1 / 25.8, c1_healthy 48.5 / 48.7): recovered fraction 0.52 / 0.80 (the blog's: 0.79), neg. cos
-0.993 / 0.984. Both meet the criterion. d1 (seed 0): collapses at epoch 7, back at neg. cos
-<= 0.99 at epoch 77 as layer1's angle reaches its equilibrium, ends at probe 35.9 (untrained 19.4,
-d1_healthy 42.2): recovered fraction 0.72, neg. cos 0.68 (the blog's: 0.54, 0.56). d2 (seed 0):
+0.993 / 0.984. Both meet the criterion. d1 (2 seeds): collapses at epoch 7 / 7, back at neg. cos
+<= 0.99 at epoch 77 / 43 as the conv angles reach their equilibrium, ends at probe 35.9 / 36.9
+(untrained 19.4 / 19.7, d1_healthy 42.2 / 41.9): recovered fraction 0.72 / 0.78, neg. cos
+0.68 / 0.49 (the blog's: 0.54, 0.56). Both meet the criterion. d2 (seed 0):
 collapses at epoch 4, back at neg. cos <= 0.99 at epoch 92, <= 0.9 only at epochs 113-131, and ends
 at neg. cos 0.92 and probe 30.4 (untrained 14.1, d2_healthy 43.5): recovered fraction 0.55 (the
-blog's: 0.42, neg. cos 0.22); it does not meet the criterion. Seed 1 of d1 and d2 is not run yet.
+blog's: 0.42, neg. cos 0.22); it does not meet the criterion. Seed 1 of d2 is not run yet.
 
     python exp_recovery.py --preset steps --variants c1,c1_healthy --seeds 2
 """
