@@ -27,7 +27,9 @@ the plateau is reached by epoch ~10), probing once, at the end:
 Depth = the last epoch's training loss and neg_gap (1 - negative cosine computed without
 cancellation, common.collapse_stats), with z_std beside them. Choices: the steps preset's tau
 0.996, 12 epochs (n50k: 2 epochs, 1,562 steps); lrB_b64/lrB_b256 keep lr x wd per step; no lever
-is tuned. Measured table and figure: results/history/notebook.md, 'What sets the depth of a collapse'.
+is tuned. Measured table and figure: results/history/notebook.md, 'What sets the depth of a collapse';
+the levers toward the blog's network (w16, w32, px32, n50k; 2 seeds): results/README.md, 'Why the
+recoveries happen' (none brings the collapse at the blog's lr to the blog's depth; width deepens it).
 
     python exp_collapse_depth.py --preset steps --seeds 2
     python plot_results.py --depth runs/collapse_depth_steps.csv
