@@ -55,8 +55,8 @@ weights' angle per step reaches the equilibrium above, and ends at probe 37.3 / 
 collapses at epoch 4, back at neg. cos <= 0.99 at epoch 92, <= 0.9 only at epochs 113-131, and ends
 at neg. cos 0.92 and probe 30.4 (untrained 14.1, d2_healthy 43.5): recovered fraction 0.55 (the
 blog's: 0.42, neg. cos 0.22); it does not meet the criterion. d2 seed 1: collapses at 4, back at
-<= 0.99 at 68, <= 0.9 only at 83-85, ends at neg. cos 0.96 and probe 31.4 (untrained 15.3): recovered
-fraction 0.57; it does not meet the criterion either.
+<= 0.99 at 68, <= 0.9 only at 83-85, ends at neg. cos 0.96 and probe 31.4 (untrained 15.3,
+d2_healthy 43.3): recovered fraction 0.57; it does not meet the criterion either.
 
     python exp_recovery.py --preset steps --variants c1,c1_healthy --seeds 2
 """
