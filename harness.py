@@ -939,20 +939,20 @@ def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variant
         if world()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         code = 2
-        sys.exit(2)
+        sys.exit(code)
     except Exception as e:
         if world()[0] > 0:   # most often a peer died first, with its own message: one line here, not a traceback
             print(f"rank {world()[0]} stopped: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
                   file=sys.stderr)
             code = 1
-            sys.exit(1)
+            sys.exit(code)
         raise
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume (finished runs are in the CSV, the "
               "current one continues from its last epoch)",
               file=sys.stderr)
         code = 130
-        sys.exit(130)
+        sys.exit(code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
