@@ -14,13 +14,15 @@ Shows a metrics_fn hook: called once an epoch on the epoch's last batch (no extr
 keys become CSV columns (named in extra_columns), appear on the console and in the summary, and
 survive a resume. Settings: Table 1's presets. Expect (not measured here): rank well above 1 for
 byol, near 1 for no_norm.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_effective_rank.py --epochs 10
 """
 import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 
 def z_rank(model, views, out):

@@ -11,15 +11,17 @@ The blog's Table 1 shows BN in the projector alone is enough *with* a predictor 
     no_norm_no_predictor  none          none
 
 How: pred_layers=0 makes the predictor the identity (common.build_mlp with num_layers=0, as the
-blog's prediction_mlp_layers=0). Settings: Table 1's presets (common.TABLE1_PRESETS).
+blog's prediction_mlp_layers=0). Settings: Table 1's presets (presets.TABLE1_PRESETS).
 Expect (BYOL paper): both no-predictor variants collapse, pos and neg cosine near 1.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_no_predictor.py --epochs 10
 """
 import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 VARIANTS = {
     "bn": dict(),

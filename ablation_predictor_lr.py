@@ -15,14 +15,16 @@ no_norm row), and does it change BYOL with BN?
 How: a variant's groups_fn gives the optimizer its parameter groups; common.param_groups with
 lr_mult={"predictor.": 10} puts the predictor in its own group whose lr the loop sets to 10x the
 schedule's lr every step (logged as lr:predictor). Nothing in common.py changes.
-Settings: Table 1's presets (common.TABLE1_PRESETS). Expect: unknown; that is the question.
+Settings: Table 1's presets (presets.TABLE1_PRESETS). Expect: unknown; that is the question.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_predictor_lr.py --epochs 10
 """
 import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 
 def predictor_lr10(model, cfg):

@@ -11,15 +11,16 @@ and does it collapse the same way without?
     r34_no_norm  ResNet-34   none
 
 How: the Config field depth (18 or 34) at the preset's width and stem; no hook. Another encoder
-altogether is a BYOL subclass overriding build_encoder(cfg) (any module with out_dim), passed
-as model_fn. Settings: Table 1's presets. Expect: unknown.
+altogether is a BYOL subclass overriding build_encoder(cfg, image_size) (any module with
+out_dim), passed as model_fn. Settings: Table 1's presets. Expect: unknown.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_resnet34.py --epochs 10
 """
-import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 NO_NORM = dict(proj_norm="none", pred_norm="none")
 VARIANTS = {"r18": dict(), "r34": dict(depth=34), "r18_no_norm": dict(NO_NORM), "r34_no_norm": dict(NO_NORM, depth=34)}

@@ -16,13 +16,15 @@ How: base_tau=0 (constant): common.BYOL then uses the online projections, detach
 target's (the same numbers a target forward of equal weights gives, without its two passes).
 SimSiam's own projector has 3 layers and BN on z; these keep Table 1's MLPs. Settings: Table 1's
 presets. Expect: unknown; that is the question.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_simsiam_norms.py --epochs 10
 """
 import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 NORMS = {"byol": dict(), "proj_bn_only": dict(pred_norm="none"), "pred_bn_only": dict(proj_norm="none"),
          "no_norm": dict(proj_norm="none", pred_norm="none"), "layer_norm": dict(proj_norm="ln", pred_norm="ln")}

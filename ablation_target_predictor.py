@@ -12,8 +12,9 @@ BYOL from collapsing (with BN in the MLPs), and does the twin change the no-norm
     no_norm_target_predictor   none       q'(z')
 
 How: a BYOL subclass adds ("target_predictor", "predictor") to BYOL.EMA_PAIRS (BYOL.__init__
-copies the predictor without gradient, train_step moves it with rate tau) and overrides target().
+copies the predictor without gradient, update_target moves it with rate tau) and overrides target().
 The CSV's cosines then compare z with q'(z'). Settings: Table 1's presets. Expect: unknown.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_target_predictor.py --epochs 10
 """
@@ -21,8 +22,9 @@ import torch
 
 import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 
 class TargetPredictorBYOL(common.BYOL):

@@ -12,15 +12,16 @@ Does the same hold in the blog's setting, BN in both MLPs, at Table 1's scale?
     tau_0.996   0.996      ~250 steps (the blog's)
     tau_1       1          never moves: the online network learns to predict a random network
 
-Settings: Table 1's presets (common.TABLE1_PRESETS), tau constant as in the blog. Expect (from
+Settings: Table 1's presets (presets.TABLE1_PRESETS), tau constant as in the blog. Expect (from
 the BYOL paper, not measured here): tau_1 well below the others, tau_0 at or below it.
+Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_target_tau.py --epochs 10
 """
-import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS
+PRESETS = presets.TABLE1_PRESETS
 
 VARIANTS = {f"tau_{tau:g}": dict(base_tau=tau) for tau in (0.0, 0.9, 0.99, 0.996, 1.0)}
 

@@ -21,9 +21,10 @@ import torch
 
 import common
 import harness
+import presets
 
 # Table 1's presets, and the appendix's 'steps' preset (built for steps per second)
-PRESETS = {**common.TABLE1_PRESETS, "steps": common.APPENDIX_PRESETS["steps"]}
+PRESETS = {**presets.TABLE1_PRESETS, "steps": presets.APPENDIX_PRESETS["steps"]}
 
 
 def timed(fn, steps, device, warmup=2):
@@ -51,29 +52,29 @@ def measure(cfg, device, fmt, steps):
     n, B = 4 * cfg.batch_size, cfg.batch_size
     torch.manual_seed(0)
     x_all = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
-    mean, std = common.mean_std("cifar10", device)
     gen = torch.Generator(device).manual_seed(0)
-    model = common.BYOL(cfg).to(device, memory_format=fmt)
-    opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
-    amp = common.use_bf16(cfg, device)
-    net = torch.compile(model) if cfg.compile else model
-    views = common.view_settings(cfg)
-    fixed = common.two_views(x_all[:B], gen, mean, std, fmt=fmt, views=views)
+    s = common.build(cfg, device, image_size=size)
+    s.model.to(memory_format=fmt)   # the format under test, not conv_format's choice
+    s.fmt = fmt
+
+    def views(x):
+        return common.two_views(x, gen, s.mean, s.std, fmt=fmt, views=s.views, apply=s.aug_fn)
+    fixed = views(x_all[:B])
 
     def bound():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(*fixed)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
+            out = s.step_fn(*fixed)
         out["loss"].backward()
 
     def step():   # the loop body of common.train_byol
         x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
-        common.train_step(model, net, opt, *common.two_views(x, gen, mean, std, fmt=fmt, views=views), cfg.base_tau, amp)
+        common.train_step(s, *views(x), cfg.base_tau, 0)
 
     # bound timed before and after the step, best of the two: a conservative ratio
     t_bound = timed(bound, steps, device)
     t_step = timed(step, steps, device)
     t_bound = min(t_bound, timed(bound, steps, device))
-    t_aug = timed(lambda: common.two_views(x_all[:B], gen, mean, std, fmt=fmt, views=views), steps, device)
+    t_aug = timed(lambda: views(x_all[:B]), steps, device)
     return t_step, t_bound, t_aug
 
 

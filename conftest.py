@@ -10,7 +10,7 @@ Subprocesses: start them with run() / popen() below, never subprocess.* directly
 own process group (a torchrun agent and its workers, a script and whatever it starts), and that
 group is killed when the test ends for any reason: its own timeout, pytest-timeout's, a failed
 assert, ^C. A test that runs long then fails alone; no orphan keeps a core busy or holds a CSV's
-lock (harness.open_out's flock is released when its holder dies)."""
+lock (harness.finished_runs's flock is released when its holder dies)."""
 import os
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -19,33 +19,27 @@ have no batch statistics anywhere.
     gn_ws          GN + WS encoder, GN + WS projector and predictor     no batch statistics
     gn_ws_ln       GN + WS encoder, LayerNorm projector and predictor   (Richemond et al.)
 
-What the implicit-negatives view predicts: collapse with k = 2 at least, a recovery as k
-grows, and centering (the batch mean is where other samples enter) mattering more than the
-scaling; GN + WS, with no batch statistics, should collapse if batch information is what
-prevents collapse. No figure in the blog to compare with. plot_results.py draws the final
-probe accuracy and negative cosine against k, and a bar chart of the parts.
+Expect (the implicit-negatives view): collapse at small k, centering over scaling, GN + WS collapsing.
+Results: results/README.md#beyond-the-blog (no figure in the blog to compare with; plot_results.py
+draws the probe and negative cosine against k, and a bar chart of the parts)
 
-Measured (cpu preset, 2 seeds, epoch 6; README "Beyond the blog"): no k collapses, not even k = 2
-(negative cosine 0.03, but probe 25.3, below the untrained 31.1); k >= 4 matches full BN (34.8-35.9);
-centering alone prevents collapse (0.41), scaling alone nearly collapses (0.97); both GN + WS
-variants collapse (0.999+).
+    python exp_bn_anatomy.py --preset cpu --seeds 2
 
 Presets (the Table 1 recipe; SPEC.md section 2):
   blog / cifar10  as exp_table1_norms.py: batch 256, SGD lr 0.8, 10 of 320 cosine epochs.
-  cpu             common.CPU_SMALL on the first 5k CIFAR-10 images, the first 6 of 320 cosine
-                  epochs, probe at epochs 0, 3, 6: ~2.5 min a run on 2 cores, 11 variants x 2
-                  seeds in about an hour (`--seeds 2`). Batch 64, so k = 32 is half a batch.
+  cpu             presets.CPU_SMALL on the first 5k CIFAR-10 images, the first 6 of 320 cosine
+                  epochs, probe at epochs 0, 3, 6. Batch 64, so k = 32 is half a batch.
 Choices where nothing is published: ghost groups are consecutive samples of the shuffled
 batch, and each view is its own BN batch (as everywhere here); the parts have no affine
 except full BN, so that bn_no_affine, center_only and scale_only differ by one step each;
 in the MLPs, GN has 32 groups (16 features each) and WS standardizes the Linear before it.
 """
-import common
 import harness
+import presets
 
 PRESETS = {
-    **common.TABLE1_PRESETS,
-    "cpu": dict(common.TABLE1_PRESETS["cpu"], train_subset=5000, epochs=6, eval_every=3),
+    **presets.TABLE1_PRESETS,
+    "cpu": dict(presets.TABLE1_PRESETS["cpu"], train_subset=5000, epochs=6, eval_every=3),
 }
 
 GROUP_SIZES = (2, 4, 8, 32)

@@ -1,11 +1,9 @@
-"""Beyond the blog: what sets how deep a collapse goes (issue: our collapses ran 2-4 orders of
-magnitude deeper than the blog's).
+"""Beyond the blog: what sets how deep a collapse goes (our collapses ran far deeper than the
+blog's).
 
 The blog's collapsed runs stay shallow: D1's training loss bottoms out near 1e-4 (epoch 60) and
-D2's near 1e-3 (SPEC.md, Appendix D). On the steps preset the same runs reach 5e-6 (D1) and 1e-5
-(C1) within 10 epochs, and C1 then decays to fp32's floor. Each variant here changes one lever
-of the steps preset, for two collapsing networks, and runs ~936 steps (12 epochs of 78 steps:
-the plateau is reached by epoch ~10), probing once, at the end:
+D2's near 1e-3 (SPEC.md, Appendix D). Each variant here changes one lever of the steps preset,
+for two collapsing networks, and runs ~936 steps (12 epochs of 78 steps), probing once, at the end:
 
     c1_*   BN encoder, SGD lr 0.8, wd 1e-4 on every parameter, no MLP norm   (Appendix C1)
     d1_*   GroupNorm encoder, SGD lr 0.2, wd 1e-5, no norm anywhere else       (Appendix D1)
@@ -27,21 +25,23 @@ the plateau is reached by epoch ~10), probing once, at the end:
 Depth = the last epoch's training loss and neg_gap (1 - negative cosine computed without
 cancellation, common.collapse_stats), with z_std beside them. Choices: the steps preset's tau
 0.996, 12 epochs (n50k: 2 epochs, 1,562 steps); lrB_b64/lrB_b256 keep lr x wd per step; no lever
-is tuned. Measured table and figure: results/history/notebook.md, 'What sets the depth of a collapse';
-the levers toward the blog's network (w16, w32, px32, n50k; 2 seeds): results/README.md, 'Why the
-recoveries happen' (none brings the collapse at the blog's lr to the blog's depth; width deepens it).
+is tuned.
+
+Expect: a lever that sets the depth moves the last loss and neg_gap beyond the seeds' spread.
+Results: results/README.md#why-the-recoveries-happen (the levers' table) and #beyond-the-blog
 
     python exp_collapse_depth.py --preset steps --seeds 2
     python plot_results.py --depth runs/collapse_depth_steps.csv
 """
 import common
 import harness
+import presets
 
 C1 = dict(encoder_norm="bn", proj_norm="none", pred_norm="none", lr=0.8, weight_decay=1e-4)
 D1 = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2, weight_decay=1e-5)
-STEPS = common.APPENDIX_PRESETS["steps"]
+STEPS = presets.APPENDIX_PRESETS["steps"]
 # at 781 steps an epoch the blog's step schedule spans BLOG_STEPS // 781 epochs
-N50K = dict(train_subset=0, epochs=2, schedule_epochs=common.BLOG_STEPS // 781)
+N50K = dict(train_subset=0, epochs=2, schedule_epochs=presets.BLOG_STEPS // 781)
 
 
 def levers(base):
@@ -59,7 +59,7 @@ VARIANTS = {**{f"c1_{k}": dict(C1, **v) for k, v in C1_LEVERS.items()},
             **{f"d1_{k}": dict(D1, **v) for k, v in D1_LEVERS.items()},
             **{f"c1_{k}": dict(C1, **v) for k, v in levers(C1).items()},
             **{f"d1_{k}": dict(D1, **v) for k, v in levers(D1).items()}}
-PRESETS = dict(common.APPENDIX_PRESETS, steps=dict(STEPS, epochs=12, eval_every=0))
+PRESETS = dict(presets.APPENDIX_PRESETS, steps=dict(STEPS, epochs=12, eval_every=0))
 
 if __name__ == "__main__":
     harness.main("collapse_depth", __doc__, PRESETS, VARIANTS)

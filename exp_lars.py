@@ -18,26 +18,20 @@ D3, GroupNorm encoder, no BN anywhere (Figures 'lars_layer12_*', 'lars_mlp_*', '
 The CSV logs the effective LARS lr (lr x trust ratio, last step of each epoch) of encoder conv1,
 the first conv of each encoder stage and both layers of the projector and predictor.
 
-Expect: with a BN encoder, SGD without MLP BN collapses early while LARS does not; without BN,
-the layer1 LARS lr grows as the network collapses. The cpu preset shows the first epochs only;
-longer runs: results/history/notebook.md, 'Longer runs on CPU'. On the steps preset (130 epochs, lr x wd x
-steps 0.81 against the blog's ~0.44 at its escape, epoch 12-15):
-  bn_sgd_no_mlp_bn           lr 0.8: collapses 16x deeper than at lr 0.2, and decay on every
-                             parameter takes it to a constant (probe at chance by epoch ~55, 2 seeds)
-  bn_sgd_no_mlp_bn_conv_wd   lr 0.2, decay on the conv weights only: collapses (neg. cos 0.9998),
-                             stays at the blog's depth (loss 2.4e-4), then recovers in both seeds:
-                             probe 25.1 -> 31.9 and 25.8 -> 32.6 (untrained -> last), neg. cos 0.95
-  bn_sgd_no_mlp_bn_wd_weights  the same with the MLPs' weights decaying too: collapses for good
-                             (neg. cos 0.99999, probe 23.6 / 20.5 at 130)
-  gn4_lars_layer12           (D3, lr 0.05, 60 epochs) collapses; layer1's LARS lr climbs to 24-29
-                             (the blog's ~79 at 4x the lr), then the loss rises and the probe ends
-                             +5.1 / +6.4 over the untrained encoder; neg. cos 0.9999 / 0.968 (the
-                             blog's: ~0.40 by epoch 20); at 130 epochs +6.0 / +9.2, neg. cos 0.98
-  gn4_lars_mlp               collapses and stays (probe +0.6 / +1.7)
-  gn4_lars_lr0.125           never collapses (neg. cos peaks 0.9905 / 0.969), learns (+10.2 / +7.1)
-results/history/notebook.md, 'The appendix's recoveries at a shallow collapse'.
+For the steps preset (130 epochs unless --epochs), at the blog's lr per image (a quarter of its lr):
+  bn_sgd_no_mlp_bn_conv_wd     C1 at lr 0.2, wd 4e-4 on the encoder's conv weights only
+  bn_sgd_no_mlp_bn_wd_weights  the same with every weight matrix decaying (not biases, BN gains)
+  bn_sgd_no_mlp_bn_lr0.2       the same with decay on every parameter
+  gn4_lars_layer12, gn4_lars_mlp, gn4_lars_lr0.125   D3 at a quarter of the lr (0.05; 0.125 for
+                               the blog's 0.5), GroupNorm with 4 groups
 
-Choices where the blog is silent (SPEC.md section 7): LARS = common.LARS_BYOL (trust 1e-3,
+Expect: SGD without MLP BN collapses early where LARS does not; without BN, layer1's LARS lr climbs.
+Results: results/README.md#c1-bn-encoder-no-mlp-bn-sgd and #d3-lars-without-bn
+
+    python exp_lars.py --preset cpu --seeds 2
+    python exp_lars.py --preset steps --epochs 60 --seeds 2 --variants gn4_lars_layer12,gn4_lars_mlp,gn4_lars_lr0.125
+
+Choices where the blog is silent (SPEC.md section 7): LARS = presets.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
 eta |w| / (|g| + wd |w|), the formula the appendix quotes, with lr inside the momentum; --set
 lars_form=byol gives DeepMind's eta |w| / |g + wd w|), no warmup (as the blog's LARS code in
@@ -46,16 +40,17 @@ with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 3
 """
 import common
 import harness
+import presets
 
-PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
+PRESETS = presets.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 130 epochs = 10,140 steps, past C1's escape (blog: epochs 12-15, 4,900-6,200 steps)
 PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=130))
 
 NO_MLP_BN = dict(proj_norm="none", pred_norm="none")
-GN_LARS = dict(NO_MLP_BN, **common.LARS_BYOL, encoder_norm="gn", lr=0.2)
+GN_LARS = dict(NO_MLP_BN, **presets.LARS_BYOL, encoder_norm="gn", lr=0.2)
 VARIANTS = {
     "bn_sgd_no_mlp_bn": dict(NO_MLP_BN),
-    "bn_lars_no_mlp_bn": dict(NO_MLP_BN, **common.LARS_BYOL, lr=0.2),
+    "bn_lars_no_mlp_bn": dict(NO_MLP_BN, **presets.LARS_BYOL, lr=0.2),
     "bn_sgd_mlp_bn": dict(),
     # C1 at lr 0.2 (the blog's lr per image at batch 64; a smaller lr keeps the collapse shallow, at
     # the blog's depth: exp_collapse_depth.py) and the blog's decay per step (lr x wd = 8e-5), with decay on the

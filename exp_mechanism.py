@@ -1,11 +1,11 @@
 """Why only decay on the scale-invariant conv weights ends C1's collapse: controls that could
-refute the effective-lr explanation, and which MLP's decay blocks the recovery.
+refute the effective-lr explanation, and whether C1 recovers with an MLP's weights decaying.
 
-The explanation under test (results/README.md, C1): every encoder conv weight feeds a BatchNorm,
-so the loss does not depend on its norm |w|; weight decay shrinks |w| and so raises its effective
-lr, lr / |w|^2, until the collapsed state can no longer hold. All variants run C1's recovering
+The explanation under test (results/README.md, 'Why the recoveries happen'): every encoder
+conv weight feeds a BatchNorm, so the loss does not depend on its norm |w|; weight decay shrinks
+|w| and so raises its effective lr, lr / |w|^2, until the collapsed state can no longer hold. All variants run C1's recovering
 settings (exp_recovery.py's c1: BN encoder, no MLP norm, SGD lr 0.2, wd 4e-4 on the conv
-weights only, steps preset) and change one thing:
+weights only, steps preset) and change:
 
     variant         change                                              the explanation predicts
     c1              none (the reference)                                recovers (epoch ~50-90)
@@ -13,13 +13,15 @@ weights only, steps preset) and change one thing:
                     its norm at the collapse (neg. cos >= 0.999) after
                     every step, so its effective lr cannot rise
     c1_exp_lr       (b) no decay; the conv weights' gradients are       recovery at about the
-                    scaled by Li & Arora's (2020) exponential factor,   same step as c1
-                    the no-decay twin of decay for scale-invariant
-                    weights
-    c1_conv_pred    decay on the conv weights and the predictor's       (which MLP's decay blocks
-    c1_conv_proj    ... and the projector's weight matrices              the recovery: exp_lars.py's
-    c1_pred_only    decay on the predictor's weight matrices only        wd_weights, conv + both, does;
-    c1_proj_only    decay on the projector's weight matrices only        DirectPred's predictor-only
+                    scaled by Li & Arora's (2020) exponential factor    same step as c1
+                    and their momentum is 0.901453: three changes,
+                    together the no-decay twin of decay for
+                    scale-invariant weights
+    c1_conv_pred    decay on the conv weights and the predictor's       (does one MLP's decay keep
+    c1_conv_proj    ... and the projector's weight matrices              the collapse, as both MLPs'
+    c1_pred_only    decay on the predictor's weight matrices only        did to epoch 130 in
+    c1_proj_only    decay on the projector's weight matrices only        exp_lars.py's wd_weights?
+                                                                        DirectPred's predictor-only
                                                                         decay: issue 28)
 
 (b), derived (Li & Arora 2020, Theorem 1.1, redone for our SGD): with heavy-ball momentum mu,
@@ -34,14 +36,8 @@ epochs). At lr 0.2, lambda 4e-4, mu 0.9: alpha = 0.999194, mu~ = 0.901453, c gro
 e^16 (9 million) by step 10,140, and |w| grows as sqrt(c). test_mechanism checks the equivalence
 on a scale-invariant toy loss against common.LARS with decay.
 
-Expect: (a) stays collapsed and (b) recovers near c1's epoch if the effective-lr rise is what
-ends the collapse. Measured, 2 seeds (results/README.md, 'Why the recoveries happen'): (a) stays
-collapsed for 130 epochs in both (neg. cos 0.9997 / 0.9994, probes 5-6 points under the untrained
-encoder); (b) leaves collapse at epoch 72 / 60 against the reference's 74 / 59 and follows it (seed
-0: loss 5.400e-3 against 5.408e-3 at epoch 130) while its conv weights grow 340-520x. Decay on
-the conv weights plus either MLP (c1_conv_pred, c1_conv_proj) stays collapsed in 2 of 2 seeds each
-(neg. cos >= 0.99998 at 130), and so does decay on one MLP alone (c1_pred_only, c1_proj_only: 2 of
-2 each, conv angles <= 4e-5 a step): DirectPred's predictor-only rescue does not carry over here.
+Expect: (a) stays collapsed and (b) recovers near c1's epoch, if the effective lr's rise ends it.
+Results: results/README.md#why-the-recoveries-happen
 
     python exp_mechanism.py --preset steps --seeds 2
 """
@@ -49,10 +45,11 @@ import torch
 
 import common
 import harness
-from exp_recovery import COLUMNS, PRESETS as RECOVERY_PRESETS, VARIANTS as RECOVERY, TrackedBYOL
+import presets
+from instruments import COLUMNS, TRACK, TrackedBYOL
 
 # steps: 130 epochs = 10,140 steps, past the c1 reference's recovery (epochs ~50-90 in both seeds)
-PRESETS = dict(RECOVERY_PRESETS, steps=dict(RECOVERY_PRESETS["steps"], epochs=130))
+PRESETS = dict(presets.APPENDIX_PRESETS, steps=dict(presets.APPENDIX_PRESETS["steps"], epochs=130))
 
 
 def conv_weights(model):
@@ -65,8 +62,8 @@ class NormHeldBYOL(TrackedBYOL):
     run's last). Decay still acts within a step; the effective lr lr / |w|^2 stays where it was.
     The held norms are buffers, so a resumed run keeps them."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, image_size=32):
+        super().__init__(cfg, image_size)
         self.register_buffer("held_norms", torch.zeros(len(conv_weights(self))))
         self.register_buffer("holding", torch.zeros((), dtype=torch.bool))
 
@@ -93,8 +90,8 @@ class ExpLrBYOL(TrackedBYOL):
     with alpha from the scheduled lr and EXP_LR_DECAY, the decay the run itself does not apply.
     The step count and c_t are buffers, so a resumed run continues them."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, image_size=32):
+        super().__init__(cfg, image_size)
         self.cfg = cfg
         # the scheduled lr needs the steps per epoch, known here from train_subset (the steps
         # preset's 5,000 images); without a subset the peak lr stands in for it
@@ -139,7 +136,8 @@ def decay_on(*prefixes):
     return groups
 
 
-C1 = RECOVERY["c1"]   # TrackedBYOL + recovery_metrics, BN encoder, no MLP norm, lr 0.2, wd 4e-4 on convs
+# exp_recovery.py's c1: BN encoder, no MLP norm, lr 0.2, wd 4e-4 on the conv weights, instrumented
+C1 = dict(TRACK, proj_norm="none", pred_norm="none", encoder_norm="bn", lr=0.2, weight_decay=4e-4, decay_params="conv")
 VARIANTS = {
     "c1": C1,
     "c1_norm_held": dict(C1, model_fn=NormHeldBYOL),

@@ -12,12 +12,10 @@ linear probe on half the test set scored on the other half):
     layer_norm     LN           LN           1 - cos         29.4      1.00 / 1.00  (collapse)
     random         untrained encoder, same probe               28.8
 
-Expect: byol and proj_bn_only well above random; no_norm and layer_norm at the random level
-with positive and negative cosine both ~1; contrastive above random.
-Measured on the cpu preset (3 seeds, the blog's probe, mean ± std; results/README.md):
-contrastive 45.7 ± 1.2, byol 44.0 ± 0.5, proj_bn_only 39.5 ± 2.6, pred_bn_only 37.8 ± 1.3,
-no_norm 24.7 ± 1.0 and layer_norm 25.0 ± 1.3 (cosines 0.9997-0.9999), random 31.4 ± 1.0
-(23.8 ± 0.2 with BN statistics re-estimated, the level the collapsed rows sit at).
+Expect: byol, proj_bn_only and contrastive well above random; no_norm and layer_norm collapse.
+Results: results/README.md#table-1
+
+    python exp_table1_norms.py --download     # the cpu preset on a CPU, cifar10 on a GPU
 
 Presets:
   blog     the blog's settings (SPEC.md section 2): STL-10 train+unlabeled, ImageNet-stem
@@ -26,7 +24,7 @@ Presets:
            MLP 512-512-128, queue 65536, blog probe.
   cifar10  the same recipe on full CIFAR-10 with the CIFAR stem (for a GPU); queue 16384
            (the dataset is half STL-10's).
-  cpu      about 70 minutes on 2 CPU cores (common.CPU_SMALL): width-16 CIFAR-stem ResNet-18
+  cpu      for 2 CPU cores (presets.CPU_SMALL): width-16 CIFAR-stem ResNet-18
            (128-d y) on the first 10k CIFAR-10 training images, batch 64 (4x the steps of 256
            at the same images/s here), lr 0.1, tau 0.99, 12 epochs, queue 4096 filled with real
            target projections before training (with the blog's random-vector queue the
@@ -36,10 +34,10 @@ The random row is the untrained encoder through the same probe with BN in eval m
 initial statistics (what model.eval() gives); random_bn_recomputed re-estimates BN's
 statistics on the probe's images first (not in the default grid: pass --variants).
 """
-import common
 import harness
+import presets
 
-PRESETS = common.TABLE1_PRESETS   # blog / cifar10: 10 of 320 epochs; cpu: 12 of 320 epochs, 10k images
+PRESETS = presets.TABLE1_PRESETS   # blog / cifar10: 10 of 320 epochs; cpu: 12 of 320 epochs, 10k images
 
 # byol first: the grid (and its summary) starts with the method itself, the row the others are
 # read against; contrastive is the blog's "xent" config, lr 0.02 (SPEC.md section 2)

@@ -9,27 +9,25 @@ anywhere, SGD lr 0.2, STL-10, 320 epochs; SPEC.md section 3):
 Mechanism offered: the collapsed solution relies on a few large weights; decay shrinks them,
 output variation returns, the loss rises, learning resumes.
 
-Expect: every variant collapses within the first epochs (cpu preset shows this); only the long
-presets (blog, cifar10: 320 epochs) can show the escape around epoch 100 and its dependence on
-the decay. lr x wd x steps sets when the decay bites (blog: 0.082 at its escape). What the cpu
-preset shows when run longer: results/history/notebook.md, 'Longer runs on CPU'. The steps preset runs wd 1e-5
-to 49,920 steps (85-93 minutes a seed, one thread beside another run); both seeds stay collapsed.
-exp_escape_law.py measures the decay clock of that collapsed loss: on the steps preset it rises at
-lr x wd x steps 0.18-0.23 whatever lr and wd, with the cosines still collapsed (a clock, not an
-escape), and at wd 1e-5 the blog's cosine caps this preset's clock at 0.131. At lr 0.2 this
-network collapses ~50x deeper than the blog's (loss 5e-6 against 1e-4: exp_collapse_depth.py);
-wd_lr0.05 and wd_lr0.05_conv run D1 at a quarter of the lr, where the collapse sits at the blog's
-1e-4 (results/history/notebook.md, 'The appendix's recoveries at a shallow collapse').
+Variants: wd_0, wd_1e-05 (the blog's), wd_0.0001 and wd_0.001 at lr 0.2; and D1 at a quarter of
+the lr (0.05, GroupNorm 4 groups): wd_lr0.05 (wd 1.6e-4 on every parameter), wd_lr0.05_conv (on
+the encoder's conv weights only) and wd_lr0.05_conv_x10 (wd 1.6e-3 on them).
+
+Expect: every variant collapses within the first epochs; only long runs can show the escape.
+Results: results/README.md#d1-weight-decay-no-bn-anywhere (the decay clock: exp_escape_law.py)
+
+    python exp_weight_decay.py --preset steps --seeds 2 --variants wd_1e-05
+    python exp_weight_decay.py --preset steps --epochs 130 --seeds 2 --variants wd_lr0.05_conv_x10
 
 Choices where the blog is silent: "without any BN" = GroupNorm encoder (32 groups, one channel
 each below 32 channels; the *_gn4 / wd_lr0.05* variants: 4 groups at width 8, the blog's 2-16
 channels a group; no weight standardization) and no norm in the MLPs; weight decay on every parameter (as the blog's SGD);
 tau 0.996 constant; lr 0.2 in every preset (absolute, not scaled by batch size).
 """
-import common
 import harness
+import presets
 
-PRESETS = common.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
+PRESETS = presets.APPENDIX_PRESETS   # blog / cifar10: 320 epochs; cpu: first 8 of 320 epochs, 5k images
 # steps: 640 epochs = 49,920 steps, past D1's escape (blog: epoch ~100, 41,000 steps at lr 0.2, wd 1e-5)
 PRESETS = dict(PRESETS, steps=dict(PRESETS["steps"], epochs=640))
 

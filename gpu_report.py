@@ -31,6 +31,7 @@ import torch
 
 import bench
 import common
+import runtime
 import exp_table1_norms
 import harness
 
@@ -57,7 +58,7 @@ def section_smoke(args, device, data):
     names = ("byol", "contrastive") if args.quick else [v for v in exp_table1_norms.VARIANTS if v != "random"]
     for name in names:
         cfg = small(device, **exp_table1_norms.VARIANTS[name])
-        rows = common.train_byol(cfg, data=common.make_synthetic())
+        rows = common.train_byol(cfg, data=runtime.make_synthetic())
         out.append(f"{name}: loss {rows[-1]['loss']:.4g}, probe {rows[-1]['probe_acc']:.1f}")
     return out
 
@@ -110,14 +111,10 @@ def section_syncs(args, device, data):
         return ["host syncs: not applicable off CUDA"]
     cfg = config("cifar10", device, dataset="synthetic")
     x = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
-    model = common.BYOL(cfg).to(device, memory_format=torch.channels_last)
-    opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    mean, std = common.mean_std("cifar10", device)
+    s = common.build(cfg, device)
     gen = torch.Generator(device).manual_seed(0)
-    views = common.view_settings(cfg)
-    step = lambda: common.train_step(model, model, opt,  # noqa: E731
-                                     *common.two_views(x, gen, mean, std, fmt=torch.channels_last, views=views),
-                                     cfg.base_tau, True)
+    step = lambda: common.train_step(s, *common.two_views(x, gen, s.mean, s.std, fmt=s.fmt, views=s.views),  # noqa: E731
+                                     cfg.base_tau, 0)
     step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -133,7 +130,7 @@ def section_syncs(args, device, data):
 
 def section_rerun(args, device, data):
     cfg = small(device, epochs=2, train_subset=128 if args.quick else 0)
-    synthetic = common.make_synthetic()
+    synthetic = runtime.make_synthetic()
     a, b = (common.train_byol(cfg, data=synthetic) for _ in range(2))
     same = all(x["loss"] == y["loss"] and x["probe_acc"] == y["probe_acc"] for x, y in zip(a, b))
     diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a[1:], b[1:]))
@@ -163,7 +160,7 @@ def section_collapse(args, device, data):
         over = exp_table1_norms.VARIANTS[name]
         cfg = (small(device, epochs=2, **over) if args.quick else
                config("cifar10", device, epochs=2, dataset="cifar10" if data["real"] else "synthetic", **over))
-        rows = common.train_byol(cfg, data=data["dict"] if not args.quick else common.make_synthetic())
+        rows = common.train_byol(cfg, data=data["dict"] if not args.quick else runtime.make_synthetic())
         out.append(f"{name}: probe {rows[-1]['probe_acc']:.1f} (untrained {rows[0]['probe_acc']:.1f}), "
                    f"pos_cos {rows[-1]['pos_cos']:.4f}, neg_cos {rows[-1]['neg_cos']:.4f}")
         negs[name] = rows[-1]["neg_cos"]
@@ -214,7 +211,7 @@ def main(argv=None):
         except harness.UsageError as e:
             why = f"CIFAR-10 not usable: {str(e)[:120]}"
     if data is None:
-        data = dict(dict=common.make_synthetic(n_train=1024 if args.quick else 50000, n_test=512 if args.quick else 10000),
+        data = dict(dict=runtime.make_synthetic(n_train=1024 if args.quick else 50000, n_test=512 if args.quick else 10000),
                     real=False, why=why)
     lines = [f"gpu_report.py{' --quick' if args.quick else ''} on {device}, {time.strftime('%Y-%m-%d %H:%M')}"]
     failed = 0

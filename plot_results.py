@@ -14,17 +14,25 @@ the panels; the title names the finding. Also:
     python plot_results.py results/table1_cpu.csv [more.csv ...] [--out DIR]
     python plot_results.py            # every results/*.csv, into runs/plots/
     python plot_results.py --table results/lars_cpu.csv   # markdown: last epoch, mean ± std over seeds
-    python plot_results.py --recovery results/steps/lars_steps.csv [--steps-per-epoch 78]
+    python plot_results.py --recovery results/steps/recovery/recovery_steps.csv [--steps-per-epoch 78]
             # markdown: per run, how far it went (steps, lr x wd x steps) and whether it recovered;
             # for exp_recovery.py CSVs also <out>/recovery_<c1|d1|d2>.png and recovery_fraction.csv;
-            # with the conv-weight columns also <out>/<name>_<c1|d1|d2>_mechanism.png
+            # with the conv-weight columns also <out>/<name>_<c1|d1|d2>_mechanism.png; then the
+            # noise between runs of the same seed and settings and every recovery finding's verdict
+            # by the rule (FINDINGS_JUDGED, read from these CSVs and the committed ones), printed
+            # and in <out>/noise.csv and <out>/verdicts.csv
+    python plot_results.py --noise [CSV ...]   # the noise pairs and delta alone, into <out>/noise.csv
     python plot_results.py --depth results/steps/depth/collapse_depth_steps.csv
             # markdown and figure: each lever's last-epoch loss, gaps and z_std
+    python plot_results.py --escape-law results/steps/law/escape_law_steps.csv
+            # exp_escape_law.py: each run's turn and rise of the collapsed loss and the log-log fit
+            # against lr x wd; <out>/<stem>_escape.csv and <stem>_escape.png
 
 Uses matplotlib (plots are the one place a library clearly beats hand-written code).
 """
 import argparse
-import csv
+import dataclasses
+import math
 import os
 import sys
 from collections import defaultdict
@@ -34,12 +42,15 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+import common  # noqa: E402
+import harness  # noqa: E402
+import presets  # noqa: E402
+from harness import UsageError  # noqa: E402   bad input: one 'error:' line and exit code 2
 
-class UsageError(ValueError):
-    """Bad input: one 'error:' line and exit code 2."""
-
+ROOT = Path(__file__).resolve().parent
 
 # the finding each experiment reproduces (the figure's title); other exps are titled by name
 FINDINGS = {"table1": "Table 1: norms in the MLPs", "lars": "Appendix C1/D3: LARS",
@@ -92,11 +103,11 @@ def legend_below(fig, handles, note=""):
     fig.tight_layout(rect=(0, (0.1 + 0.24 * rows + 0.25 * bool(note)) / height, 1, 0.95))
 
 
-def save(fig, path):
+def save(fig, path, dpi=110):
     """Writes the PNG through a temporary file, so a failure midway leaves the old one whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, path)
     print(f"wrote {path}")
@@ -272,15 +283,23 @@ def plot_anatomy(csv_path, rows, out_dir, stem):
 NEEDED = ("variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos")
 
 
+def read_csv(path, needed=NEEDED, what="a results CSV"):
+    """The rows of a CSV through harness.read_rows, under the header the file has (a torn last
+    line is cut off there, with the harness's warning); rows with too few cells are left out.
+    UsageError where a column of `needed` is missing."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        header = f.readline().rstrip("\r\n").split(",")
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise UsageError(f"{path} is not {what} (no column {', '.join(missing)})")
+    return [r for r in harness.read_rows(path, header) if None not in r.values()]
+
+
 def read_results(csv_path):
     """Rows of a results CSV; a variant run under several settings (cfg_hash) gets one curve per
     setting, labelled with the hash."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path} is not a results CSV (no column {', '.join(missing)})")
-        rows = [r for r in reader if None not in r.values()]   # a torn line has too few cells
+    rows = read_csv(csv_path)
     hashes = defaultdict(set)
     for r in rows:
         hashes[r["variant"]].add(r.get("cfg_hash", ""))
@@ -400,7 +419,7 @@ def depth_figure(csv_path, out_dir):
 
 # ============================================================ exp_recovery.py: C1, D1, D2
 
-BLOG_STEPS = 131_200   # the blog's schedule: 320 epochs x 410 steps (105k STL-10 images, batch 256)
+BLOG_STEPS = presets.BLOG_STEPS   # the blog's schedule: 320 epochs x 410 steps (105k STL-10 images, batch 256)
 BLOG_EPOCHS = 320
 # The blog's readings (SPEC.md section 3, Appendix C and D), as (blog epoch, value).
 # C1's recovered fraction from [fig:accuracy_resnet_batch_norm]'s table, (SGD no-BN-MLP - its epoch 0)
@@ -437,20 +456,13 @@ def read_runs(paths):
     --out folders). The same run in two CSVs must be the same settings; its rows are read once."""
     runs, hashes = defaultdict(dict), {}
     for path in paths:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UsageError(f"{path} is not a results CSV (no column {', '.join(missing)})")
-            for r in reader:
-                if None in r.values():   # a torn line
-                    continue
-                key = (r["variant"], int(r["seed"]))
-                h = hashes.setdefault(key, r.get("cfg_hash", ""))
-                if h != r.get("cfg_hash", ""):
-                    raise UsageError(f"{r['variant']} seed {r['seed']} is in these CSVs under two settings (cfg_hash "
-                                     f"{h} and {r.get('cfg_hash')}); pass CSVs with one setting per run")
-                runs[key][int(r["epoch"])] = r
+        for r in read_csv(path):
+            key = (r["variant"], int(r["seed"]))
+            h = hashes.setdefault(key, r.get("cfg_hash", ""))
+            if h != r.get("cfg_hash", ""):
+                raise UsageError(f"{r['variant']} seed {r['seed']} is in these CSVs under two settings (cfg_hash "
+                                 f"{h} and {r.get('cfg_hash')}); pass CSVs with one setting per run")
+            runs[key][int(r["epoch"])] = r
     return runs
 
 
@@ -558,61 +570,385 @@ def recovery_figures(paths, out_dir, steps_per_epoch, runs=None):
         fig.suptitle(f"{FINDINGS['recovery']}: {FAMILY_NAMES[family]}")
         written.append(save(fig, Path(out_dir) / f"recovery_{family}.png"))
     if fractions:
-        path = Path(out_dir) / "recovery_fraction.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FRACTION_COLUMNS)
-            w.writeheader()
-            w.writerows({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
-                        for r in fractions)
-        os.replace(tmp, path)
-        print(f"wrote {path}")
-        written.append(path)
+        written.append(write_csv(Path(out_dir) / "recovery_fraction.csv", FRACTION_COLUMNS, fractions))
     return written
 
 
-COLLAPSE, HELD_COS, FRACTION_MIN, TAIL = 0.999, 0.9, 0.5, 0.2   # the criterion (results/README.md)
+def write_csv(path, columns, rows):
+    """rows (dicts) under columns, floats to 6 significant digits, through harness.rewrite_rows
+    (atomic: a failure midway leaves the old file whole)."""
+    harness.rewrite_rows(Path(path), list(columns), [
+        {k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    print(f"wrote {path}")
+    return Path(path)
 
 
-def recovery_verdicts(runs, steps_per_epoch):
-    """Markdown: each c1/d1/d2 run (controls included) judged by the criterion fixed before the
-    41k-step runs (results/README.md, 'How a verdict is judged'), in every seed through the end of
-    its run. A collapse first (negative cosine >= 0.999 at some epoch); then for c1 (the blog shows
-    accuracy) the recovered fraction against the healthy run at the same epoch is >= 0.5 at the last
-    evaluation and no lower there than at the first evaluation of the last 20% of the run; for d1
-    and d2 (the blog shows cosines) the negative cosine stays <= 0.9 at every epoch of the last 20%
-    and the probe ends >= 5 points above the untrained encoder."""
-    fractions = defaultdict(dict)
-    for r in recovered_fractions(runs, steps_per_epoch):
-        if r["recovered_fraction"] is not None:
-            fractions[(r["variant"], r["seed"])][r["epoch"]] = r["recovered_fraction"]
-    out = ["| run | seed | steps (of the blog's 131,200) | collapsed at | last 20%: highest neg. cos | "
-           "probe: untrained -> last | recovered fraction: start of last 20% -> last | meets the criterion |",
-           "|---" * 8 + "|"]
-    for (v, seed), by_epoch in sorted(runs.items()):
-        family = v.split("_")[0]
-        if family not in FAMILIES or v == f"{family}_healthy":
+# ================================================ verdicts: one rule, against the measured noise
+# The rule (issue 37), fixed before the runs it judges. Window: the evaluations at epochs > 0.8 x
+# the run's last epoch. delta: the noise, the largest |difference| of the judged quantity between
+# two runs of the same seed and settings at the same epoch (noise_pairs). Per seed:
+#   C (the blog shows accuracy): the recovered fraction (probe - untrained) / (healthy - untrained)
+#     met: window mean >= 0.5 + delta and >= 80% of the window's evaluations >= 0.5;
+#     not met: window mean <= 0.5 - delta; else within noise
+#   D (the blog shows cosines): met: >= 80% of the window's epochs have neg. cos <= 0.9 and the
+#     window-mean probe gain over the untrained encoder >= 5 + delta; not met: window-mean neg.
+#     cos > 0.9 or window-mean gain <= 5 - delta; else within noise
+COLLAPSE, HELD_COS, FRACTION_MIN = 0.999, 0.9, 0.5
+WINDOW, SHARE = 0.2, 0.8
+RECOVERY = "recovery"   # a verdict's source: the CSVs given to --recovery (exp_recovery.py's runs)
+RECOVERY_CSV = "results/steps/recovery/recovery_steps.csv"   # --noise's default
+
+
+def finding(name, kind, source, variant, healthy=None, blog="met", collapse=True):
+    return dict(finding=name, kind=kind, source=source, variant=variant, healthy=healthy, blog=blog, collapse=collapse)
+
+
+C1_130 = "results/steps/c1/lars_steps.csv"
+C2_GN32, C2_GN4 = "results/steps/c2/encoder_gn_steps.csv", "results/steps/c2_shallow/encoder_gn_steps.csv"
+D1_BLOG, D1_130 = "results/steps/d1/weight_decay_steps.csv", "results/steps/d1_shallow/weight_decay_steps.csv"
+D2_130 = "results/steps/d2_shallow/encoder_gn_steps.csv"
+D3_60, D3_130 = "results/steps/d3_shallow/lars_steps.csv", "results/steps/d3_shallow/long/lars_steps.csv"
+# Every recovery verdict of results/README.md: source (a CSV under the repo, or RECOVERY), the
+# variant, its healthy reference (source, variant: the same settings with BN in both MLPs; None
+# where no run is that), blog: what the blog's run shows ("met": it recovers, "not met": it stays
+# collapsed), collapse: whether a seed must collapse first (negative cosine >= 0.999) to be judged.
+FINDINGS_JUDGED = [
+    finding("C1, 41k steps", "C", RECOVERY, "c1", (RECOVERY, "c1_healthy")),
+    finding("C1, 130 epochs", "C", C1_130, "bn_sgd_no_mlp_bn_conv_wd", (RECOVERY, "c1_healthy")),
+    # c1_healthy decays the conv weights only: not the reference of a run that decays everything
+    finding("C1 control: decay on every parameter, 130 epochs", "C", RECOVERY, "c1_all_decay"),
+    finding("C2: GN 32 groups, LARS lr 0.2 (blog: recovers), 60 epochs", "C", C2_GN32, "lars_lr0.2"),
+    finding("C2: GN 32 groups, LARS lr 0.1 (blog: stays collapsed), 60 epochs", "C", C2_GN32, "lars_lr0.1",
+            blog="not met"),
+    finding("C2: GN 4 groups, LARS lr 0.05 (blog's 0.2), 60 epochs", "C", C2_GN4, "lars_lr0.05"),
+    finding("C2: GN 4 groups, LARS lr 0.025 (blog's 0.1), 60 epochs", "C", C2_GN4, "lars_lr0.025", blog="not met"),
+    finding("D1, 41k steps (conv decay, 160x the blog's wd)", "D", RECOVERY, "d1"),
+    finding("D1, 130 epochs (conv decay, 160x the blog's wd)", "D", D1_130, "wd_lr0.05_conv_x10"),
+    finding("D1, the blog's wd 1e-5, 640 epochs", "D", D1_BLOG, "wd_1e-05"),
+    finding("D1 control: decay on every parameter, 130 epochs", "D", RECOVERY, "d1_all_decay"),
+    finding("D2, 41k steps", "D", RECOVERY, "d2"),
+    finding("D2, 130 epochs", "D", D2_130, "ws_sgd_lr0.2_conv"),
+    finding("D2 control: decay on every parameter, 130 epochs", "D", D2_130, "ws_sgd_lr0.2"),
+    finding("D3: LARS on layers 1-2, 60 epochs", "D", D3_60, "gn4_lars_layer12"),
+    finding("D3: LARS on layers 1-2, 130 epochs", "D", D3_130, "gn4_lars_layer12"),
+    finding("D3: LARS on the MLPs only (blog: re-collapses), 60 epochs", "D", D3_60, "gn4_lars_mlp", blog="not met"),
+    finding("D3: full LARS lr 0.125 (blog's 0.5: learns), 60 epochs", "D", D3_60, "gn4_lars_lr0.125", collapse=False),
+    finding("D3: full LARS lr 0.025 (blog's 0.1: does not), 60 epochs", "D", C2_GN4, "lars_lr0.025", blog="not met",
+            collapse=False),
+]
+
+
+def in_window(points, last_epoch):
+    """The (epoch, value) points at epochs > (1 - WINDOW) x last_epoch: the run's last 20%."""
+    return [(e, v) for e, v in points if e > (1 - WINDOW) * last_epoch]
+
+
+def passing(values, ok):
+    """The share of values for which ok(value) holds."""
+    return sum(map(ok, values)) / len(values)
+
+
+def judge_c(window, delta):
+    """C-type, one seed: window = [(epoch, recovered fraction)]. Returns mean, min, max, share
+    (of evaluations >= 0.5) and status: met / not met / within noise."""
+    vals = [v for _, v in window]
+    m, share = mean(vals), passing(vals, lambda v: v >= FRACTION_MIN)
+    status = ("met" if m >= FRACTION_MIN + delta and share >= SHARE - 1e-9 else
+              "not met" if m <= FRACTION_MIN - delta else "within noise")
+    return dict(mean=m, min=min(vals), max=max(vals), share=share, status=status)
+
+
+def judge_d(gains, negs, delta):
+    """D-type, one seed: gains = [(epoch, probe - untrained)] at the window's evaluations, negs =
+    [(epoch, negative cosine)] at the window's epochs. Returns the gain's mean, min, max, share (of
+    epochs at neg. cos <= 0.9), the neg. cos mean and status: met / not met / within noise."""
+    g, c = [v for _, v in gains], [v for _, v in negs]
+    m, share, neg = mean(g), passing(c, lambda v: v <= HELD_COS), mean(c)
+    status = ("met" if share >= SHARE - 1e-9 and m >= RISE + delta else
+              "not met" if neg > HELD_COS or m <= RISE - delta else "within noise")
+    return dict(mean=m, min=min(g), max=max(g), share=share, neg_cos_mean=neg, status=status)
+
+
+def finding_verdict(statuses, blog="met", never=0):
+    """'reproduces, k of n seeds' / 'partly, k of n' / 'does not reproduce, 0 of n', k the seeds
+    whose status is the blog's, with ', m within noise' where m > 0; seeds not judged (any other
+    status) are counted after it; where none is judged, the reason. never: how many seeds never
+    collapsed (said where > 0)."""
+    judged = [s for s in statuses if s in ("met", "not met", "within noise")]
+    other = list(dict.fromkeys(s for s in statuses if s not in judged))
+    if judged:
+        k, n, m = judged.count(blog), len(judged), judged.count("within noise")
+        text = (f"reproduces, {k} of {n} seeds" if k == n else f"partly, {k} of {n}" if k else
+                f"does not reproduce, 0 of {n}")
+        text += (f", {m} within noise" if m else "") + "".join(f"; {statuses.count(s)} {s}" for s in other)
+    else:
+        text = "; ".join(other) or "no runs"
+    return text + (f"; never collapsed in {never} of {len(statuses)} seeds" if never else "")
+
+
+# ------------------------------------------------------------------ the noise between runs
+
+def rel(path):
+    """A path relative to the repo where it is inside it (as noise.csv and verdicts.csv name CSVs)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
+def load_sources(recovery_paths):
+    """{label: {(variant, seed): {epoch: row}}}: the --recovery CSVs together under RECOVERY (their
+    label: RECOVERY -> 'a.csv+b.csv' in sources[RECOVERY]['label']) and every CSV FINDINGS_JUDGED
+    names that exists."""
+    sources = {}
+    if recovery_paths:
+        sources[RECOVERY] = dict(label="+".join(rel(p) for p in recovery_paths), runs=read_runs(recovery_paths))
+    for f in FINDINGS_JUDGED:
+        if f["source"] != RECOVERY and f["source"] not in sources and (ROOT / f["source"]).is_file():
+            sources[f["source"]] = dict(label=f["source"], runs=read_runs([ROOT / f["source"]]))
+    return sources
+
+
+def _value(v):
+    s = str(v).strip()
+    try:
+        return float(s)
+    except ValueError:
+        return s.lower()
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(common.Config)
+            if f.default is not dataclasses.MISSING}
+# hooks that only log (exp_recovery.py's TrackedBYOL and recovery_metrics: a run with them repeats
+# one without digit for digit, results/README.md D2) and each hook's default, as the CSV names them
+SAME_HOOK = {"cfg_model_fn": {"", "byol", "trackedbyol"}, "cfg_groups_fn": {"", "param_groups"}}
+IGNORED = {"cfg_hash", "cfg_metrics_fn"}
+
+
+def settings(label, by_epoch):
+    """A run's settings as its cfg_* cells give them, each field it lacks at its preset's value (the
+    preset: the CSV name's _<preset> part, e.g. lars_steps.csv -> steps), so that CSVs written by
+    different scripts compare. None where the CSV names no appendix preset."""
+    preset = next((p for p in presets.APPENDIX_PRESETS for part in label.split("+")
+                   if p in Path(part).stem.split("_")), None)
+    if preset is None:
+        return None
+    row = by_epoch[min(by_epoch)]
+    out = {f"cfg_{k}": _value(v) for k, v in {**DEFAULTS, **presets.APPENDIX_PRESETS[preset]}.items() if k != "epochs"}
+    out.update({c: _value(v) for c, v in row.items() if c.startswith("cfg_") and c not in IGNORED})
+    for c, same in SAME_HOOK.items():
+        if out.get(c, "") in same:
+            out[c] = ""
+    out["preset"] = preset
+    return out
+
+
+def _same_schedule(a, b):
+    """The logged lr and tau are equal at every epoch both runs logged them (and there is one)."""
+    shared = [e for e in a if e in b and num(a[e], "lr") is not None and num(b[e], "lr") is not None]
+    return bool(shared) and all(math.isclose(num(a[e], c), num(b[e], c), rel_tol=1e-9)
+                                for e in shared for c in ("lr", "tau") if num(a[e], c) is not None)
+
+
+def _probes(by_epoch):
+    return {e: num(r, "probe_acc") for e, r in by_epoch.items() if num(r, "probe_acc") is not None}
+
+
+NOISE_COLUMNS = ["kind", "quantity", "csv_a", "variant_a", "last_epoch_a", "csv_b", "variant_b", "last_epoch_b",
+                 "seed", "healthy", "shared_evaluations", "max_abs_diff", "at_epoch", "note"]
+
+
+def noise_pairs(sources):
+    """Rows of NOISE_COLUMNS, one per pair of runs and quantity: two runs (a run copied into two
+    CSVs, the same variant, seed and cfg_hash, counts once) of the same seed and the same settings
+    (settings(): every cfg_* field, hooks that only log aside; and the same logged lr and tau at
+    every shared epoch), compared at
+    every epoch > 0 where both have a probe: the probe gain over each run's own untrained encoder
+    (epoch 0), and, where one of them has a <variant>_healthy of the same seed in its CSV, the
+    recovered fraction of both against that healthy run."""
+    runs, seen = [], set()
+    for src in sources.values():
+        for key, by in src["runs"].items():
+            copy = (*key, by[min(by)].get("cfg_hash") or id(by))   # a run copied into two CSVs counts once
+            if copy not in seen:
+                seen.add(copy)
+                runs.append((key, src, by, settings(src["label"], by)))
+    out = []
+    for i, ((va, seed), sa, a, cfg_a) in enumerate(runs):
+        for (vb, sb_seed), sb, b, cfg_b in runs[i + 1:]:
+            if sb_seed != seed or cfg_a is None or cfg_a != cfg_b or not _same_schedule(a, b):
+                continue
+            pa, pb = _probes(a), _probes(b)
+            if 0 not in pa or 0 not in pb:
+                continue
+            shared = sorted(e for e in pa if e in pb and e > 0)
+            if not shared:
+                continue
+            base = dict(kind="pair", csv_a=sa["label"], variant_a=va, last_epoch_a=max(a), csv_b=sb["label"],
+                        variant_b=vb, last_epoch_b=max(b), seed=seed)
+            diffs = [(abs((pa[e] - pa[0]) - (pb[e] - pb[0])), e) for e in shared]
+            d, at = max(diffs, key=lambda t: (t[0], -t[1]))
+            out.append(dict(base, quantity="probe_gain", healthy="", shared_evaluations=len(shared),
+                            max_abs_diff=round(d, 6), at_epoch=at, note=""))
+            for src, v in ((sa, va), (sb, vb)):
+                healthy = src["runs"].get((f"{v}_healthy", seed))
+                if healthy is not None:
+                    h = _probes(healthy)
+                    es = [e for e in shared if e in h and h[e] > max(pa[0], pb[0])]
+                    fr = [(abs((pa[e] - pa[0]) / (h[e] - pa[0]) - (pb[e] - pb[0]) / (h[e] - pb[0])), e) for e in es]
+                    if fr:
+                        d, at = max(fr, key=lambda t: (t[0], -t[1]))
+                        out.append(dict(base, quantity="recovered_fraction", healthy=f"{src['label']}:{v}_healthy",
+                                        shared_evaluations=len(fr), max_abs_diff=round(d, 6), at_epoch=at,
+                                        note="both against the same healthy run: its own noise is not in it"))
+                    break
+    return out
+
+
+def healthy_gain(sources):
+    """The mean over every *_healthy run of its probe gain at its last evaluation: the scale between
+    a fraction and points (a fallback, noise_delta)."""
+    gains = []
+    for src in sources.values():
+        for (v, _), by in src["runs"].items():
+            p = _probes(by)
+            if v.endswith("_healthy") and 0 in p and len(p) > 1:
+                gains.append(p[max(p)] - p[0])
+    return mean(gains) if gains else None
+
+
+def noise_delta(pairs, sources):
+    """({quantity: delta}, [delta rows of NOISE_COLUMNS]): each quantity's largest max_abs_diff over
+    its pairs. A quantity without a pair takes the other's delta scaled by the mean healthy gain
+    (fraction = points / that gain), and says so; None where neither has one."""
+    best = {q: max((r for r in pairs if r["quantity"] == q), key=lambda r: r["max_abs_diff"], default=None)
+            for q in ("recovered_fraction", "probe_gain")}
+    delta = {q: (r["max_abs_diff"] if r else None) for q, r in best.items()}
+    notes = {q: (f"largest of {sum(p['quantity'] == q for p in pairs)} pairs: {r['csv_a']}:{r['variant_a']} vs "
+                 f"{r['csv_b']}:{r['variant_b']}, seed {r['seed']}, epoch {r['at_epoch']}" if r else "")
+             for q, r in best.items()}
+    scale = healthy_gain(sources)
+    for q, other, f in (("recovered_fraction", "probe_gain", lambda d: d / scale),
+                        ("probe_gain", "recovered_fraction", lambda d: d * scale)):
+        if delta[q] is None and delta[other] is not None and best[other] and scale:
+            delta[q] = round(f(delta[other]), 6)
+            notes[q] = (f"no pair of runs of the same seed and settings: the {other.replace('_', ' ')} delta "
+                        f"{best[other]['max_abs_diff']:.4g} scaled by the mean healthy gain {scale:.2f} points")
+    rows = [dict(kind="delta", quantity=q, max_abs_diff=d, note=notes[q] or "no pair: not measured")
+            for q, d in delta.items()]
+    return {q: d for q, d in delta.items()}, rows
+
+
+# ------------------------------------------------------------------------ the verdicts
+
+VERDICT_COLUMNS = ["finding", "kind", "variant", "seed", "csv", "healthy", "last_epoch", "collapsed_at", "quantity",
+                   "window_epochs", "n_evaluations", "window_mean", "window_min", "window_max", "share_passing",
+                   "neg_cos_window_mean", "delta", "status", "finding_verdict", "evaluations", "neg_cos_evaluations"]
+QUANTITY = {"C": "recovered_fraction", "D": "probe_gain"}
+
+
+def _points(by_epoch, col):
+    return [(e, num(by_epoch[e], col)) for e in sorted(by_epoch) if num(by_epoch[e], col) is not None]
+
+
+def judge_seed(spec, source, healthy_runs, seed, by_epoch, delta):
+    """One seed of one finding: a row of VERDICT_COLUMNS (without finding_verdict)."""
+    last = max(by_epoch)
+    negs = _points(by_epoch, "neg_cos")
+    collapsed = next((e for e, c in negs if c >= COLLAPSE), None)
+    probes = dict(_points(by_epoch, "probe_acc"))
+    row = dict(finding=spec["finding"], kind=spec["kind"], variant=spec["variant"], seed=seed, csv=source["label"],
+               healthy="", last_epoch=last, collapsed_at="never" if collapsed is None else collapsed,
+               quantity=QUANTITY[spec["kind"]], delta=delta)
+    healthy = None
+    if spec["healthy"]:
+        healthy = healthy_runs.get((spec["healthy"][1], seed)) if healthy_runs is not None else None
+        row["healthy"] = f"{spec['healthy'][1]} seed {seed}" if healthy else ""
+    if spec["kind"] == "C" and healthy is None:
+        return dict(row, status="no healthy reference: not judged")
+    if spec["collapse"] and collapsed is None:
+        return dict(row, status="never collapsed: not judged")
+    if 0 not in probes:
+        return dict(row, status="no untrained probe (epoch 0): not judged")
+    if delta is None:
+        return dict(row, status="no noise measurement: not judged")
+    if spec["kind"] == "C":
+        h = dict(_points(healthy, "probe_acc"))
+        points = [(e, (p - probes[0]) / (h[e] - probes[0])) for e, p in probes.items()
+                  if e > 0 and e in h and h[e] > probes[0]]
+        window, neg_window = in_window(points, last), in_window(negs, last)
+        if not window:
+            return dict(row, status="no evaluation in the last 20%: not judged")
+        j = judge_c(window, delta)
+    else:
+        window = in_window([(e, p - probes[0]) for e, p in probes.items() if e > 0], last)
+        neg_window = in_window(negs, last)
+        if not window or not neg_window:
+            return dict(row, status="no evaluation in the last 20%: not judged")
+        j = judge_d(window, neg_window, delta)
+    first = min(e for e, _ in window + neg_window)
+    return dict(row, window_epochs=f"{first}-{last}", n_evaluations=len(window), window_mean=j["mean"],
+                window_min=j["min"], window_max=j["max"], share_passing=j["share"],
+                neg_cos_window_mean=mean(c for _, c in neg_window) if neg_window else None, status=j["status"],
+                evaluations=" ".join(f"{e}:{v:.4g}" for e, v in window),
+                neg_cos_evaluations=" ".join(f"{e}:{c:.4f}" for e, c in neg_window))
+
+
+def verdicts(sources, delta):
+    """Rows of VERDICT_COLUMNS: every seed of every finding of FINDINGS_JUDGED whose CSV is among
+    sources (the RECOVERY ones only where --recovery gave CSVs), each finding's verdict in every row
+    of it. delta: {quantity: delta} (noise_delta)."""
+    rows = []
+    for spec in FINDINGS_JUDGED:
+        source = sources.get(spec["source"])
+        if source is None:
             continue
-        end = max(by_epoch)
-        neg = [(e, num(by_epoch[e], "neg_cos")) for e in sorted(by_epoch) if num(by_epoch[e], "neg_cos") is not None]
-        start = next((e for e, c in neg if c >= COLLAPSE), None)
-        tail_neg = max((c for e, c in neg if e >= (1 - TAIL) * end), default=None)
-        probes = [(e, num(by_epoch[e], "probe_acc")) for e in sorted(by_epoch) if num(by_epoch[e], "probe_acc") is not None]
-        untrained, last = probes[0][1], probes[-1][1]
-        fr = sorted((e, f) for e, f in fractions[(v, seed)].items())
-        fr_tail = [(e, f) for e, f in fr if e >= (1 - TAIL) * end]
-        if start is None:
-            ok = "no (never collapsed)"
-        elif family == "c1":
-            ok = ("no healthy reference" if not fr_tail else
-                  "yes" if fr_tail[-1][1] >= FRACTION_MIN and fr_tail[-1][1] >= fr_tail[0][1] else "no")
-        else:
-            ok = "yes" if tail_neg <= HELD_COS and last - untrained >= RISE else "no"
-        frac = f"{fr_tail[0][1]:.2f} -> {fr_tail[-1][1]:.2f}" if fr_tail else "-"
-        steps = end * steps_per_epoch
-        out.append(f"| {v} | {seed} | {steps:,} ({steps / BLOG_STEPS:.0%}) | {start if start is not None else 'never'} | "
-                   f"{tail_neg:.4f} | {untrained:.1f} -> {last:.1f} ({last - untrained:+.1f}) | {frac} | {ok} |")
+        healthy_src = sources.get(spec["healthy"][0]) if spec["healthy"] else None
+        mine = sorted((seed, by) for (v, seed), by in source["runs"].items() if v == spec["variant"])
+        judged = [judge_seed(spec, source, healthy_src["runs"] if healthy_src else None, seed, by,
+                             delta.get(QUANTITY[spec["kind"]])) for seed, by in mine]
+        text = finding_verdict([r["status"] for r in judged], spec["blog"],
+                               sum(r["collapsed_at"] == "never" for r in judged))
+        rows += [dict(r, finding_verdict=text) for r in judged]
+    return rows
+
+
+def verdict_report(rows, delta_rows):
+    """Markdown: the noise, the per-seed table, each finding's verdict, and every window evaluation."""
+    out = ["Noise (largest |difference| between two runs of the same seed and settings at the same epoch):"]
+    out += [f"- {r['quantity']}: delta = {r['max_abs_diff']} ({r['note']})" for r in delta_rows]
+    out += ["", "| finding | variant | seed | collapsed at | window (epochs) | evaluations | "
+            "quantity: mean (min-max) | share passing | neg. cos, window mean | verdict |", "|---" * 10 + "|"]
+    fmt = lambda v, f: "" if v in (None, "") else f"{v:{f}}"   # noqa: E731
+    for r in rows:
+        q = "fraction" if r["kind"] == "C" else "gain"
+        stats = (f"{q} {fmt(r.get('window_mean'), '.3f')} ({fmt(r.get('window_min'), '.3f')}-"
+                 f"{fmt(r.get('window_max'), '.3f')})" if r.get("window_mean") is not None else "")
+        out.append(f"| {r['finding']} | {r['variant']} | {r['seed']} | {r['collapsed_at']} | "
+                   f"{r.get('window_epochs', '')} | {r.get('n_evaluations', '')} | {stats} | "
+                   f"{fmt(r.get('share_passing'), '.0%')} | "
+                   f"{fmt(r.get('neg_cos_window_mean'), '.4f')} | {r['status']} |")
+    out += ["", "Verdicts (the blog's outcome in k of n seeds):"]
+    out += [f"- {f}: {v}" for f, v in dict.fromkeys((r["finding"], r["finding_verdict"]) for r in rows)]
+    out += ["", "Window evaluations (epoch:value):"]
+    for r in rows:
+        if r.get("evaluations"):
+            out.append(f"- {r['finding']}, {r['variant']} seed {r['seed']}: {r['quantity']} {r['evaluations']}")
+            if r["kind"] == "D":
+                out.append(f"  neg. cos {r['neg_cos_evaluations']}")
     return "\n".join(out)
+
+
+def judge_all(recovery_paths, out_dir=None):
+    """The noise and the verdicts of every finding (FINDINGS_JUDGED) from the --recovery CSVs and
+    the committed ones; printed, and written to <out_dir>/noise.csv and verdicts.csv."""
+    sources = load_sources(recovery_paths)
+    pairs = noise_pairs(sources)
+    delta, delta_rows = noise_delta(pairs, sources)
+    rows = verdicts(sources, delta)
+    print(verdict_report(rows, delta_rows))
+    if out_dir is not None:
+        write_csv(Path(out_dir) / "noise.csv", NOISE_COLUMNS, pairs + delta_rows)
+        write_csv(Path(out_dir) / "verdicts.csv", VERDICT_COLUMNS, rows)
+    return rows, pairs, delta
 
 
 def left_collapse(by_epoch, leave_at=0.99):
@@ -694,26 +1030,170 @@ def mechanism_figure(runs, out_dir, name, stage="layer1", family=None):
     return save(fig, Path(out_dir) / f"{name}_mechanism.png")
 
 
+# ==================================== exp_escape_law.py: the decay clock of D1's collapsed loss
+# Read off the per-epoch training loss (the signal of the blog's D1 figure), from the first epoch
+# at which the run is collapsed (negative cosine >= 0.999):
+#   rise   the first epoch whose loss is more than ESCAPE_RISE (3) times the lowest loss before it
+#   turn   the epoch of that lowest loss: where the decay starts to win
+# Steps are counted to the end of the epoch, and decay = wd x the sum of the scheduled lr over
+# those steps. The cosines are not used beyond the collapse: a run can burst out of collapse and
+# fall back with the negative cosine staying above 0.999. A run with no rise is censored (shown
+# with its length, left out of the fit). The fit: least squares of log10(step) on log10(lr x wd)
+# over the grid's runs that rise (exp_escape_law.py's controls, named ctl_*, are left out); the
+# slope's uncertainty is its standard error. ESCAPE_RISE and the collapse threshold were set
+# before the runs, from two exploratory runs, and are not tuned.
+ESCAPE_RISE = 3.0
+BLOG_ESCAPE = "blog (lr 0.2, wd 1e-5): turn ~24,600 steps (0.049), rise ~41,000 (0.082)"
+ESCAPE_NEEDED = ("variant", "seed", "epoch", "loss", "neg_cos", "cfg_hash", "cfg_lr", "cfg_weight_decay")
+
+
+def escape(rows):
+    """(turn epoch, rise epoch) of one run's rows (sorted by epoch), None where absent."""
+    losses = [(int(r["epoch"]), float(r["loss"])) for r in rows if r["loss"] not in ("", None)]
+    start = next((int(r["epoch"]) for r in rows if r["neg_cos"] not in ("", None)
+                  and float(r["neg_cos"]) >= COLLAPSE), None)
+    if start is None:
+        return None, None
+    low, turn = math.inf, None
+    for epoch, loss in losses:
+        if epoch < start:
+            continue
+        if loss > ESCAPE_RISE * low:
+            return turn, epoch
+        if loss < low:
+            low, turn = loss, epoch
+    return None, None
+
+
+def escape_config(csv_path):
+    """The Config of the preset an escape_law_<preset>.csv was made with (exp_escape_law.py's
+    presets are the appendix's; only their epochs differ, which the lr schedule of a preset with
+    schedule_epochs does not read)."""
+    preset = Path(csv_path).stem.removeprefix("escape_law_")
+    if preset == "smoke":
+        return common.Config(**{**presets.APPENDIX_PRESETS["cpu"], **harness.SMOKE})
+    if preset not in presets.APPENDIX_PRESETS:
+        raise UsageError(f"{csv_path}: not an escape_law_<preset>.csv of exp_escape_law.py")
+    return common.Config(**presets.APPENDIX_PRESETS[preset])
+
+
+def steps_per_epoch_of(cfg):
+    n = cfg.train_subset or {"cifar10": 50000, "stl10": 105000, "synthetic": 512}[cfg.dataset]
+    return n // cfg.batch_size   # drop_last, as train_byol
+
+
+def decay_at(cfg, steps):
+    """wd x the scheduled lr summed over the first `steps` steps: how far the decay has acted."""
+    return cfg.weight_decay * sum(common.lr_at(s, steps_per_epoch_of(cfg), cfg) for s in range(steps))
+
+
+def escape_rows(csv_path):
+    """One row per finished run: lr, wd, lr x wd, and its turn and rise (epoch, step, decay)."""
+    base = escape_config(csv_path)
+    rows = read_csv(csv_path, ESCAPE_NEEDED, "a results CSV of exp_escape_law.py")
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["variant"], int(r["seed"]), r["cfg_hash"]), []).append(r)
+    out = []
+    for (name, seed, _), rs in sorted(runs.items()):
+        rs.sort(key=lambda r: int(r["epoch"]))
+        cfg = dataclasses.replace(base, lr=float(rs[0]["cfg_lr"]), weight_decay=float(rs[0]["cfg_weight_decay"]))
+        turn, rise = escape(rs)
+        row = dict(variant=name, seed=seed, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_wd=cfg.lr * cfg.weight_decay,
+                   epochs=int(rs[-1]["epoch"]))
+        for key, epoch in (("turn", turn), ("rise", rise)):
+            steps = epoch * steps_per_epoch_of(cfg) if epoch is not None else None
+            row.update({f"{key}_epoch": epoch, f"{key}_step": steps,
+                        f"{key}_decay": round(decay_at(cfg, steps), 4) if steps else None})
+        out.append(row)
+    return out
+
+
+def is_control(row):
+    return str(row.get("variant", "")).startswith("ctl_")   # exp_escape_law.py's CONTROLS
+
+
+def escape_fit(rows, key):
+    """(slope, standard error, n) of log10(step) on log10(lr x wd) over the grid's runs that escaped."""
+    pts = [(math.log10(r["lr_wd"]), math.log10(r[f"{key}_step"])) for r in rows
+           if r[f"{key}_step"] and not is_control(r)]
+    if len({x for x, _ in pts}) < 2:
+        return None, None, len(pts)
+    x, y = np.array(pts).T
+    (slope, _), cov = np.polyfit(x, y, 1, cov=True) if len(pts) > 2 else (np.polyfit(x, y, 1), None)
+    return slope, (math.sqrt(cov[0, 0]) if cov is not None else None), len(pts)
+
+
+def escape_law(csv_path, out_dir, name=None):
+    """exp_escape_law.py's table and fit, printed; <out>/<name>_escape.csv (one row per run) and
+    <out>/<name>_escape.png. Returns (rows, {key: (slope, se)})."""
+    rows = escape_rows(csv_path)
+    if not rows:
+        raise UsageError(f"{csv_path}: no runs to analyze")
+    print(f"\nescape from collapse (rise: loss > {ESCAPE_RISE:g}x its lowest so far; turn: that lowest epoch), "
+          f"{steps_per_epoch_of(escape_config(csv_path))} steps an epoch; {BLOG_ESCAPE}")
+    print(f"{'variant':<18}{'seed':>5}{'lr x wd':>10}{'turn step':>11}{'decay':>8}{'rise step':>11}{'decay':>8}")
+    for r in rows:
+        def show(key):
+            return (f"{r[key + '_step']:>11}{r[key + '_decay']:>8.3f}" if r[key + "_step"]
+                    else f"{'none':>11}{'-':>8}")
+        print(f"{r['variant']:<18}{r['seed']:>5}{r['lr_wd']:>10.2g}{show('turn')}{show('rise')}")
+    slopes = {}
+    for key in ("turn", "rise"):
+        slope, se, n = escape_fit(rows, key)
+        slopes[key] = (slope, se)
+        text = "too few runs escaped to fit" if slope is None else f"{slope:.2f}" + (f" +- {se:.2f}" if se else "")
+        print(f"log-log slope of the {key} step against lr x wd ({n} runs): {text}  (decay alone: -1)")
+    stem = name or Path(csv_path).stem
+    harness.rewrite_rows(Path(out_dir) / f"{stem}_escape.csv", list(rows[0]), rows)
+    print(f"wrote {Path(out_dir) / f'{stem}_escape.csv'}")
+    escape_figure(rows, slopes, Path(out_dir) / f"{stem}_escape.png")
+    return rows, slopes
+
+
+def escape_figure(rows, slopes, png):
+    """Turn and rise steps against lr x wd on log-log axes (the grid; the controls are in the
+    table), with the blog's clocks as lines and its rise as a star."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.3))
+    rows = [r for r in rows if not is_control(r)]
+    for key, marker in (("turn", "o"), ("rise", "s")):
+        for i, lr in enumerate(sorted({r["lr"] for r in rows})):
+            pts = [(r["lr_wd"], r[f"{key}_step"]) for r in rows if r["lr"] == lr and r[f"{key}_step"]]
+            if pts:
+                x, y = zip(*pts)
+                ax.loglog(x, y, marker, color=f"C{i}", mfc="none" if key == "turn" else f"C{i}", label=f"{key}, lr {lr:g}")
+    xs = np.array(sorted({r["lr_wd"] for r in rows} | {2e-6}))
+    for clock, style in ((0.049, ":"), (0.082, "--")):
+        ax.loglog(xs, clock / xs, "k" + style, lw=1, label=f"lr x wd x steps = {clock} (blog's {'turn' if clock < 0.06 else 'rise'})")
+    ax.loglog([2e-6], [41000], "k*", ms=10, label="blog: lr 0.2, wd 1e-5, rise")
+    fits = ", ".join(f"{k} {sl:.2f}" + (f" ± {se:.2f}" if se else "") for k, (sl, se) in slopes.items() if sl is not None)
+    ax.set(xlabel="lr x wd", ylabel="step", title="D1: when decay lifts the collapsed loss" + (f"\nslopes (all runs): {fits}" if fits else ""))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, png, dpi=120)
+
+
 # ==================================================================================== CLI
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but bad input is one 'error:' line (exit 2) as everywhere else, not the usage."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def get_parser():
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csvs", nargs="*", metavar="CSV", help="result CSVs (default: every results/*.csv)")
+    p = harness.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csvs", nargs="*", metavar="CSV", help="result CSVs (default: every results/*.csv; --noise: "
+                   f"{RECOVERY_CSV})")
     p.add_argument("--out", default=str(Path("runs") / "plots"),
-                   help="folder for the figures and recovery_fraction.csv (default runs/plots/; made if missing)")
+                   help="folder for the figures and CSVs this writes (default runs/plots/; made if missing)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--table", action="store_true", help="print a markdown table per CSV (last epoch, mean ± std)")
     mode.add_argument("--recovery", action="store_true",
                       help="print each CSV's recovery table; for exp_recovery.py CSVs (taken together) also draw "
-                           "recovery_<c1|d1|d2>.png and write recovery_fraction.csv into --out")
+                           "recovery_<c1|d1|d2>.png and write recovery_fraction.csv into --out; then the noise and "
+                           "every finding's verdict by the rule, into noise.csv and verdicts.csv")
+    mode.add_argument("--noise", action="store_true",
+                      help="the pairs of runs of the same seed and settings and the noise delta they give, into "
+                           "noise.csv (the --recovery CSVs, default the committed one, and the verdicts' CSVs)")
     mode.add_argument("--depth", action="store_true", help="a collapse_depth CSV: its table and <stem>_depth.png")
+    mode.add_argument("--escape-law", action="store_true",
+                      help="an exp_escape_law.py CSV: each run's turn and rise, the log-log fit, "
+                           "<stem>_escape.csv and <stem>_escape.png")
     p.add_argument("--steps-per-epoch", type=int, default=78,
                    help="optimizer steps per epoch of the CSVs' runs (--recovery; default 78: the appendix's "
                         "cpu and steps presets, 5,000 images at batch 64)")
@@ -729,14 +1209,17 @@ def main(argv):
         raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be >= 1")
     if args.mechanism_epochs < 0:
         raise UsageError(f"--mechanism-epochs {args.mechanism_epochs}: must be >= 0")
-    paths = args.csvs or ([] if args.table or args.recovery or args.depth
+    named = args.table or args.recovery or args.depth or args.escape_law   # modes that need CSVs named
+    paths = args.csvs or ([str(ROOT / RECOVERY_CSV)] if args.noise else [] if named
                           else sorted(str(p) for p in Path("results").glob("*.csv")))
     if not paths:
-        raise UsageError("no CSV given" + ("" if args.table or args.recovery or args.depth else " and none in results/"))
+        raise UsageError("no CSV given" + ("" if named else " and none in results/"))
     for path in paths:   # every input checked before anything is written
         if not Path(path).is_file():
             raise UsageError(f"{path} does not exist")
         read_results(path)
+        if args.escape_law:
+            escape_config(path)
     if args.table:
         for path in paths:
             print(table(path))
@@ -753,18 +1236,32 @@ def main(argv):
         stems[Path(path).stem].append(path)
     names = {path: (Path(path).stem if len(stems[Path(path).stem]) == 1 else f"{Path(path).parent.name}_{Path(path).stem}")
              for path in paths}
-    planned = ([out / "recovery_fraction.csv"] if args.recovery else
+    planned = ([out / "recovery_fraction.csv", out / "noise.csv", out / "verdicts.csv"] if args.recovery else
+               [out / "noise.csv"] if args.noise else
                [out / f"{Path(x).stem}_depth.png" for x in paths] if args.depth else
+               [out / f"{names[x]}_escape{ext}" for x in paths for ext in (".csv", ".png")] if args.escape_law else
                [out / f"{names[x]}{suffix}.png" for x in paths for suffix in ("", "_vs_blog", "_k_parts")])
     clash = [str(x) for x in planned if x.resolve() in inputs]
     if clash:
         raise UsageError(f"--out {out}: would overwrite the input {clash[0]}; choose another --out")
+    if args.noise:
+        sources = load_sources(paths)
+        pairs = noise_pairs(sources)
+        _, delta_rows = noise_delta(pairs, sources)
+        for r in pairs:
+            print(f"{r['quantity']}: {r['csv_a']}:{r['variant_a']} (to epoch {r['last_epoch_a']}) vs "
+                  f"{r['csv_b']}:{r['variant_b']} (to epoch {r['last_epoch_b']}), seed {r['seed']}: max |diff| "
+                  f"{r['max_abs_diff']:.4g} at epoch {r['at_epoch']} over {r['shared_evaluations']} evaluations")
+        for r in delta_rows:
+            print(f"delta, {r['quantity']}: {r['max_abs_diff']} ({r['note']})")
+        write_csv(out / "noise.csv", NOISE_COLUMNS, pairs + delta_rows)
+        return
     if args.recovery:
         for path in paths:
             print(recovery(path, args.steps_per_epoch))
         runs = read_runs(paths)
         recovery_figures(paths, out, args.steps_per_epoch, runs)
-        print(recovery_verdicts(runs, args.steps_per_epoch))
+        judge_all(paths, out)
         if args.mechanism_epochs:
             runs = {k: {e: r for e, r in by.items() if e <= args.mechanism_epochs} for k, by in runs.items()}
         for family in sorted({v.split("_")[0] for v, _ in runs}):   # c1, d1, ...: one figure each
@@ -776,6 +1273,10 @@ def main(argv):
             print(table(path, columns=DEPTH))
             print(f"figure: {depth_figure(path, out)}")
         return
+    if args.escape_law:
+        for path in paths:
+            escape_law(path, out, names[path])
+        return
     for path in paths:
         plot(path, out, names[path])
 
@@ -783,6 +1284,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,7 @@
-"""Tests of the research code, common.py: networks, loss, EMA, LARS, augmentations, probe, data
-loaders, the training loop. CPU only (conftest.py hides GPUs), no downloads:
+"""Tests of the research code, common.py, and the library under it (augment.py, runtime.py):
+networks, loss, EMA, LARS, augmentations, probe, data loaders, config checks, build, the training
+step and its extension points, the loop, and the two hook examples (ablation_directpred.py,
+ablation_hard_target.py). CPU only (conftest.py hides GPUs), no downloads:
 python -m pytest -q -n 2 test_common.py test_harness.py test_plot_results.py"""
 import ast
 import dataclasses
@@ -15,9 +17,13 @@ import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 
+import augment
 import common
 import conftest
 import harness
+import instruments
+import presets
+import runtime
 
 ROOT = Path(__file__).resolve().parent
 SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
@@ -64,14 +70,15 @@ def test_running_statistics_bn_normalizes_with_what_it_had_before_the_batch():
     assert bn.weight.grad is not None and bn.running_mean.grad is None
 
 
-def test_projector_output_norm_keeps_the_layer_names():
-    """proj_out_norm=bn puts a BN on z after the projector's last Linear (SimSiam), appended, so
-    the Linear layers keep the names the LARS logging reads (projector.0, projector.3)."""
-    model = common.BYOL(dataclasses.replace(SMALL, proj_out_norm="bn"))
-    names = [n for n, _ in model.online_projector.named_parameters()]
-    assert names[:4] == ["0.weight", "0.bias", "1.weight", "1.bias"] and "3.weight" in names
-    assert isinstance(model.online_projector[-1], nn.BatchNorm1d) and isinstance(model.target_projector[-1], nn.BatchNorm1d)
-    assert {f"online_projector.{i}.weight" for i in (0, 3)} <= set(common.LARS_LOGGED)
+def test_the_lars_logged_names_are_the_models_weights():
+    """The weights the LARS logging reads (LARS_LOGGED) are named as BYOL names them: the stem conv,
+    the first conv of each stage, and the two Linear layers of the projector and the predictor
+    (projector.0, projector.3: the norm and ReLU between them keep those indices)."""
+    params = dict(common.BYOL(SMALL).named_parameters())
+    assert set(common.LARS_LOGGED) <= set(params)
+    assert all(params[n].ndim in (2, 4) for n in common.LARS_LOGGED)
+    assert {n for n in common.LARS_LOGGED if params[n].ndim == 2} == {
+        f"{m}.{i}.weight" for m in ("online_projector", "predictor") for i in (0, 3)}
 
 
 def test_mlp_depth_as_the_blogs_mlp():
@@ -87,15 +94,12 @@ def test_mlp_depth_as_the_blogs_mlp():
     assert p is z and not list(model.predictor.parameters())
     model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))["loss"].backward()
     assert model.online_projector[0].weight.grad.abs().sum() > 0
-    # no projector: z = y, the predictor maps y's dims
-    model = common.BYOL(dataclasses.replace(SMALL, proj_layers=0))
-    assert model.online(torch.randn(8, 3, 32, 32))[1].shape == (8, model.online_encoder.out_dim)
 
 
 def test_a_script_supplies_its_own_parameter_groups_and_model():
     """groups_fn with an lr multiplier: the predictor's lr is 10x the schedule's at every step,
     and logged; model_fn replaces the model (here: a BYOL with a frozen predictor)."""
-    data = common.make_synthetic(128, 64)
+    data = runtime.make_synthetic(128, 64)
     cfg = dataclasses.replace(SMALL, epochs=2, eval_every=0, lr=0.2, schedule_epochs=4)
 
     def fast(model, cfg):
@@ -107,15 +111,15 @@ def test_a_script_supplies_its_own_parameter_groups_and_model():
     assert {g.get("label") for g in groups} == {None, "predictor"}
     assert all(n.startswith("predictor.") == (g.get("lr_mult") == 10.0) for g in groups for n in g["names"])
 
-    def frozen_predictor(cfg):
-        model = common.BYOL(cfg)
+    def frozen_predictor(cfg, image_size):
+        model = common.BYOL(cfg, image_size)
         model.predictor.requires_grad_(False)
         return model
     seen = []
     common.train_byol(dataclasses.replace(cfg, epochs=1), data=data, model_fn=frozen_predictor,
                       groups_fn=lambda m, c: seen.append(m) or common.param_groups(m, c))
-    common.set_seed(cfg.seed)                               # train_byol's seed: the same init
-    init = frozen_predictor(cfg)
+    runtime.set_seed(cfg.seed)                               # train_byol's seed: the same init
+    init = frozen_predictor(cfg, 32)
     assert all(torch.equal(p, q) for p, q in zip(seen[0].predictor.parameters(), init.predictor.parameters()))
     assert not torch.equal(seen[0].online_projector[0].weight, init.online_projector[0].weight)   # it trained
 
@@ -158,7 +162,13 @@ def test_ghost_groups_and_the_parts_of_batchnorm():
 
 
 def test_mlp_unknown_norm_raises():
-    with pytest.raises(harness.UsageError):
+    """An MLP norm must be a name in MLP_NORMS: check_config refuses another in one line naming the
+    choices (build_mlp itself only looks the name up)."""
+    for field in ("proj_norm", "pred_norm"):
+        with pytest.raises(runtime.UsageError, match=f"{field}='batchnorm' is not one of none, bn, ln") as e:
+            runtime.check_config(dataclasses.replace(SMALL, **{field: "batchnorm"}))
+        assert "\n" not in str(e.value)
+    with pytest.raises(KeyError):
         common.build_mlp(4, 8, 4, "batchnorm")
 
 
@@ -186,8 +196,8 @@ def test_resnet_depth_34_has_the_papers_stages_at_any_width():
         assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 1 + 2 * sum(blocks) + 3   # + 3 shortcuts
     model = common.BYOL(dataclasses.replace(SMALL, depth=34))
     assert len(model.online_encoder.layer3) == 6 and len(model.target_encoder.layer3) == 6
-    with pytest.raises(harness.UsageError, match="depth must be one of 18, 34"):
-        harness.check_config(dataclasses.replace(SMALL, depth=50))
+    with pytest.raises(runtime.UsageError, match="depth must be one of 18, 34"):
+        runtime.check_config(dataclasses.replace(SMALL, depth=50))
 
 
 def test_weight_standardized_conv_is_invariant_to_weight_scale_and_shift():
@@ -237,9 +247,9 @@ def test_simsiam_skips_the_target_with_the_same_numbers():
     assert common.BYOL(cfg).target_is_online and not common.BYOL(SMALL).target_is_online
     assert not common.BYOL(dataclasses.replace(cfg, tau_schedule="cosine")).target_is_online   # tau rises to 1
     v1, v2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
-    common.set_seed(0)
+    runtime.set_seed(0)
     skip = common.BYOL(cfg)
-    common.set_seed(0)
+    runtime.set_seed(0)
     full = common.BYOL(cfg)
     full.target_is_online = False
     calls = []
@@ -251,11 +261,11 @@ def test_simsiam_skips_the_target_with_the_same_numbers():
         assert torch.equal(out_s[k], out_f[k]), k
     assert not out_s["new_keys"].requires_grad
 
-    def full_target(cfg):
-        model = common.BYOL(cfg)
+    def full_target(cfg, image_size):
+        model = common.BYOL(cfg, image_size)
         model.target_is_online = False
         return model
-    data = common.make_synthetic(256, 128)
+    data = runtime.make_synthetic(256, 128)
     strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in common.train_byol(cfg, data=data)]
     assert strip == [{k: v for k, v in r.items() if k != "wall_s"}
                      for r in common.train_byol(cfg, data=data, model_fn=full_target)]
@@ -271,7 +281,7 @@ def test_loss_encoder_and_ema_twins_are_extension_points():
     target projections), build_encoder, and EMA_PAIRS: a target predictor is made as a copy without
     gradient, left out of the optimizer's groups, and moved by train_step with rate tau."""
     class OneSided(common.BYOL):
-        def loss(self, p1, p2, t1, t2):
+        def loss(self, p1, p2, t1, t2, z1, z2):
             return 2 * (1 - (p1 * t2).sum(1)).mean()
     torch.manual_seed(0)
     model = OneSided(SMALL)
@@ -283,7 +293,7 @@ def test_loss_encoder_and_ema_twins_are_extension_points():
     assert torch.allclose(out["loss"], hand, atol=1e-6)
 
     class Small(common.BYOL):
-        def build_encoder(self, cfg):
+        def build_encoder(self, cfg, image_size):
             net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
             net.out_dim = 8
             return net
@@ -292,16 +302,234 @@ def test_loss_encoder_and_ema_twins_are_extension_points():
 
     class TargetPredictor(common.BYOL):
         EMA_PAIRS = common.BYOL.EMA_PAIRS + (("target_predictor", "predictor"),)
-    model = TargetPredictor(SMALL)
+    s = common.build(dataclasses.replace(SMALL, lr=0.1), torch.device("cpu"), model_fn=TargetPredictor)
+    model = s.model
     assert all(torch.equal(a, b) and not b.requires_grad
                for a, b in zip(model.predictor.parameters(), model.target_predictor.parameters()))
     groups = common.param_groups(model, SMALL)
     assert not any(n.startswith("target_") for g in groups for n in g["names"])
-    opt = common.LARS(groups, lr=0.1)
+    in_opt = {id(p) for g in s.opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for n, p in model.named_parameters() if n.startswith("target_"))
     before = [p.clone() for p in model.target_predictor.parameters()]
-    common.train_step(model, model, opt, v1, v2, 0.75, False)
+    common.train_step(s, v1, v2, 0.75, 0)
     for b, t, o in zip(before, model.target_predictor.parameters(), model.predictor.parameters()):
         assert not torch.equal(t, b) and torch.allclose(t, 0.75 * b + 0.25 * o, atol=1e-6)
+
+
+# ------------------------------------------------- build, train_step and BYOL's extension points
+
+CPU = torch.device("cpu")
+
+
+def _train_steps(cfg, model_fn, n, each=None):
+    """build(cfg) and n train_steps (step = 0 .. n-1, tau = cfg.base_tau) on views of one batch of
+    synthetic images, as train_byol makes them; each(step, setup, before) after every step, where
+    before holds the model's parameters and buffers from before the step."""
+    s = common.build(cfg, CPU, model_fn)
+    images = runtime.make_synthetic(cfg.batch_size, 8)["pretrain_x"]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(n):
+        before = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        v1, v2 = common.two_views(images, gen, s.mean, s.std, fmt=s.fmt, views=s.views, apply=s.aug_fn)
+        common.train_step(s, v1, v2, cfg.base_tau, step)
+        if each:
+            each(step, s, before)
+    return s
+
+
+def _pairs(model, buffers=False):
+    """(name, target tensor, online tensor) of every EMA_PAIRS pair, parameters (and buffers)."""
+    out = []
+    for target, online in model.EMA_PAIRS:
+        t, o = getattr(model, target), getattr(model, online)
+        kinds = ("named_parameters", "named_buffers") if buffers else ("named_parameters",)
+        for kind in kinds:
+            for (n, a), (_, b) in zip(getattr(t, kind)(), getattr(o, kind)()):
+                out.append((f"{target}.{n}", a, b))
+    return out
+
+
+def test_build_gives_the_same_initial_weights_for_the_same_config():
+    """build seeds before it makes the model: two builds of one cfg give the same weights whatever
+    ran in between, another seed gives others, and train_byol trains exactly build's model. In one
+    process without --compile the step runs the model itself and the eager augmentation."""
+    a = common.build(SMALL, CPU)
+    torch.randn(1000)   # the global random stream moved: build must not depend on it
+    b = common.build(SMALL, CPU)
+    other = common.build(dataclasses.replace(SMALL, seed=1), CPU)
+    sa, sb, so = (x.model.state_dict() for x in (a, b, other))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], so[k]) for k in sa if sa[k].is_floating_point())
+    assert [g["names"] for g in a.opt.param_groups] == [g["names"] for g in b.opt.param_groups]
+    assert [id(p) for g in a.opt.param_groups for p in g["params"]] == [
+        id(p) for p in a.model.parameters() if p.requires_grad]
+    assert a.step_fn is a.model and a.aug_fn is augment.apply_aug and not a.amp
+    assert a.views == common.view_settings(SMALL) and a.fmt == common.conv_format(CPU, SMALL.width)
+    seen = []
+    common.train_byol(dataclasses.replace(SMALL, epochs=0), data=runtime.make_synthetic(64, 32),
+                      groups_fn=lambda m, c: seen.append({k: v.clone() for k, v in m.state_dict().items()})
+                      or common.param_groups(m, c))
+    assert len(seen) == 1 and all(torch.equal(seen[0][k], sa[k]) for k in sa)
+
+
+def test_after_step_runs_once_a_step_in_order_after_the_target_update():
+    """train_byol calls update_target(tau, step) and then after_step(step, out) once per optimizer
+    step, with step = 0, 1, 2, ... running on across epochs; out is that step's forward outputs, and
+    the target after_step sees has already taken this step's EMA of the online weights."""
+    calls, seen, init = [], [], []
+
+    class Recorder(common.BYOL):
+        def update_target(self, tau, step):
+            calls.append(("update_target", step, tau))
+            super().update_target(tau, step)
+
+        def after_step(self, step, out):
+            calls.append(("after_step", step))
+            seen.append((out["loss"].item(), [p.detach().clone() for p in self.target_projector.parameters()],
+                         [p.detach().clone() for p in self.online_projector.parameters()]))
+
+    def model_fn(cfg, image_size):
+        model = Recorder(cfg, image_size)
+        init.append([p.detach().clone() for p in model.target_projector.parameters()])
+        return model
+    cfg = dataclasses.replace(SMALL, epochs=2, eval_every=0, base_tau=0.5)
+    rows = common.train_byol(cfg, data=runtime.make_synthetic(128, 64), model_fn=model_fn)   # 2 steps an epoch
+    assert calls == [c for step in range(4) for c in (("update_target", step, 0.5), ("after_step", step))]
+    for epoch in (1, 2):   # out is the step's own: the epoch's mean loss is the mean of the hooks'
+        assert rows[epoch]["loss"] == pytest.approx((seen[2 * epoch - 2][0] + seen[2 * epoch - 1][0]) / 2, rel=1e-6)
+    prev = init[0]
+    for _, target, online in seen:   # tau 0.5: target_k = (target_{k-1} + online_k) / 2, already applied
+        assert all(torch.allclose(t, 0.5 * p + 0.5 * o, atol=1e-6) for t, p, o in zip(target, prev, online))
+        assert not all(torch.equal(t, p) for t, p in zip(target, prev))
+        prev = target
+
+
+def test_an_overridden_update_target_replaces_the_ema():
+    """update_target is the target's whole update: overridden with a no-op, the target stays its
+    initial copy of the online network (which trains on); the default EMA moves it."""
+    class Frozen(common.BYOL):
+        def update_target(self, tau, step):
+            pass
+    cfg = dataclasses.replace(SMALL, base_tau=0.5)
+    init = common.build(cfg, CPU).model
+    for model_fn, moves in ((Frozen, False), (None, True)):
+        model = _train_steps(cfg, model_fn, 3).model
+        for name, target, online in _pairs(model):
+            start = init.get_parameter(name)
+            assert torch.equal(target, start) != moves, name
+            if online.ndim > 1:   # every online weight trained
+                assert not torch.equal(online, start), name
+
+
+def test_loss_receives_the_raw_online_projections_with_gradient():
+    """loss(p1, p2, t1, t2, z1, z2): z1, z2 are the online projections of v and v', raw (not
+    normalized) and with their gradient, so a term on them trains the projector and the encoder."""
+    seen = {}
+
+    class OnProjections(common.BYOL):
+        def loss(self, p1, p2, t1, t2, z1, z2):
+            seen.update(z1=z1, z2=z2)
+            return z1.pow(2).sum(1).mean() + z2.pow(2).sum(1).mean()   # a term on z alone
+    torch.manual_seed(0)
+    model = OnProjections(SMALL)
+    v1, v2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    out = model(v1, v2)
+    out["loss"].backward()
+    with torch.no_grad():
+        z1, z2 = model.online(v1)[0], model.online(v2)[0]
+    assert seen["z1"].requires_grad and seen["z2"].requires_grad
+    assert torch.allclose(seen["z1"].detach(), z1, atol=1e-6) and torch.allclose(seen["z2"].detach(), z2, atol=1e-6)
+    assert not torch.allclose(z1.norm(dim=1), torch.ones(16), atol=1e-2)   # not normalized
+    assert torch.equal(out["z"], seen["z1"].detach())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.online_projector.parameters() if p.ndim > 1)
+    assert model.online_encoder.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.predictor.parameters())   # p1, p2 unused: no gradient
+
+
+def test_build_encoder_is_told_the_image_size():
+    """build_encoder(cfg, image_size) gets the size of the images it will train on: after
+    image_size resizes them, or as the data stores them; a bare BYOL(cfg) says 32."""
+    sizes = []
+
+    class Sized(common.BYOL):
+        def build_encoder(self, cfg, image_size):
+            sizes.append(image_size)
+            return super().build_encoder(cfg, image_size)
+    rows = common.train_byol(dataclasses.replace(SMALL, image_size=16, epochs=1, eval_every=0),
+                             data=runtime.make_synthetic(64, 32), model_fn=Sized)
+    assert sizes == [16] and math.isfinite(rows[-1]["loss"])
+    common.train_byol(dataclasses.replace(SMALL, epochs=0), data=runtime.make_synthetic(64, 32, size=24),
+                      model_fn=Sized)
+    Sized(SMALL)
+    assert sizes == [16, 24, 32]
+
+
+def test_check_config_refuses_what_the_data_cannot_give():
+    """With the data, check_config also refuses a batch larger than the training images (after
+    train_subset) and an image_size above the images' (it only downsamples), each in one line;
+    train_byol checks before it builds anything."""
+    data = runtime.make_synthetic(64, 16)
+    for ok in (dict(), dict(image_size=16), dict(image_size=32), dict(epochs=0, batch_size=128)):
+        runtime.check_config(dataclasses.replace(SMALL, **ok), data)
+    runtime.check_config(dataclasses.replace(SMALL, batch_size=128, image_size=48))   # no data: nothing to check
+    for bad, message in ((dict(batch_size=128), "batch_size 128 > 64 training images"),
+                         (dict(train_subset=32), "batch_size 64 > 32 training images"),
+                         (dict(image_size=48), "image_size=48 is larger than the synthetic images (32 px)")):
+        with pytest.raises(runtime.UsageError) as e:
+            runtime.check_config(dataclasses.replace(SMALL, **bad), data)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    built = []
+    with pytest.raises(runtime.UsageError, match="image_size=48"):
+        common.train_byol(dataclasses.replace(SMALL, image_size=48), data=data,
+                          model_fn=lambda cfg, size: built.append(size))
+    assert built == []
+
+
+# ------------------------------------------- the two hook examples (ablation_directpred.py, ablation_hard_target.py)
+
+def test_directpred_example_sets_its_predictor_in_closed_form_every_k_steps():
+    """DirectPredBYOL: the predictor takes no gradient and is not in the optimizer; after_step
+    sets it to DirectPred's closed form of the correlation buffer at steps 0, K, 2K, ... only."""
+    import ablation_directpred as dp
+    changed = []
+
+    def each(step, s, before):
+        pred = s.model.predictor.weight
+        if not torch.equal(pred, before["predictor.weight"]):
+            changed.append(step)
+            eig, u = torch.linalg.eigh(s.model.corr)
+            q = (eig.clamp_min(0) / eig.max()).sqrt() + dp.EPS
+            assert torch.allclose(pred, u @ torch.diag(q) @ u.T, atol=1e-5)
+        assert not torch.equal(s.model.corr, before["corr"])   # F is averaged at every step
+    s = _train_steps(SMALL, dp.DirectPredBYOL, 2 * dp.K + 2, each)
+    pred = s.model.predictor
+    assert all(not p.requires_grad and p.grad is None for p in pred.parameters())
+    in_opt = {id(p) for g in s.opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in pred.parameters()}
+    assert {id(p) for p in s.model.online_projector.parameters()} <= in_opt
+    assert changed == [0, dp.K, 2 * dp.K] and "corr" in s.model.state_dict()
+
+
+def test_hard_copy_example_copies_the_target_every_k_steps_and_holds_it_between(monkeypatch):
+    """HardCopyBYOL: right after a step with step % K == 0 the target's weights (and buffers) are
+    exactly the online network's; on the steps between, its weights do not change at all."""
+    import ablation_hard_target as ht
+    monkeypatch.setattr(ht, "K", 3)
+    copies = []
+
+    def each(step, s, before):
+        pairs = _pairs(s.model, buffers=True)
+        if step % 3 == 0:
+            copies.append(step)
+            assert all(torch.equal(t, o) for _, t, o in pairs)
+        else:
+            weights = _pairs(s.model)
+            assert all(torch.equal(t, before[n]) for n, t, _ in weights)
+            assert not all(torch.equal(t, o) for _, t, o in weights)   # the online network moved on
+        assert not all(torch.equal(o, before[n.replace("target", "online", 1)]) for n, _, o in _pairs(s.model))
+    _train_steps(SMALL, ht.HardCopyBYOL, 7, each)
+    assert copies == [0, 3, 6]
 
 
 def test_views_are_separate_batchnorm_batches():
@@ -321,14 +549,23 @@ def test_views_are_separate_batchnorm_batches():
 
 def test_info_nce_and_queue():
     torch.manual_seed(0)
-    cfg = dataclasses.replace(SMALL, objective="contrastive", queue_size=8, proj_dim=4, temperature=0.5)
+    cfg = dataclasses.replace(SMALL, objective="contrastive", queue_size=8, proj_dim=4)
     model = common.BYOL(cfg)
     q = nn.functional.normalize(torch.randn(3, 4), dim=1)
     k = nn.functional.normalize(torch.randn(3, 4), dim=1)
-    # hand: -log softmax of the positive among [q.k, q.queue_1..8] / T
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.T], 1) / 0.5
-    hand = -(logits[:, 0] - torch.logsumexp(logits, 1)).mean()
-    assert torch.allclose(model.info_nce(q, k), hand, atol=1e-6)
+
+    def hand(temperature):   # -log softmax of the positive among [q.k, q.queue_1..8] / T
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.T], 1) / temperature
+        return -(logits[:, 0] - torch.logsumexp(logits, 1)).mean()
+    assert common.BYOL.TEMPERATURE == 0.2   # MoCo v2's
+    assert torch.allclose(model.info_nce(q, k), hand(0.2), atol=1e-6)
+
+    class Warm(common.BYOL):   # the temperature is a class attribute a subclass may change
+        TEMPERATURE = 0.5
+    warm = Warm(cfg)
+    warm.queue.copy_(model.queue)
+    assert torch.allclose(warm.info_nce(q, k), hand(0.5), atol=1e-6)
+    assert not torch.allclose(hand(0.5), hand(0.2), atol=1e-3)
     # ring buffer: 3 + 3 + 3 keys into 8 slots wrap around
     keys = [torch.full((3, 4), float(i)) for i in range(3)]
     for key in keys:
@@ -369,11 +606,12 @@ def test_tau_and_lr_schedules():
     assert common.tau_at(50, 100, 0.996, "cosine") == pytest.approx(0.998)
     assert common.tau_at(100, 100, 0.996, "cosine") == pytest.approx(1.0)
     assert common.tau_at(70, 100, 0.99, "constant") == 0.99
-    cfg = common.Config(lr=1.0, epochs=10, warmup_epochs=1)
-    assert common.lr_at(0, 10, cfg) == pytest.approx(0.1)
-    assert common.lr_at(9, 10, cfg) == pytest.approx(1.0)
-    assert common.lr_at(10, 10, cfg) == pytest.approx(1.0)
-    assert common.lr_at(55, 10, cfg) == pytest.approx(0.5)
+    cfg = common.Config(lr=1.0, epochs=10)   # no warmup: the cosine starts at step 0
+    assert common.lr_at(0, 10, cfg) == 1.0
+    assert common.lr_at(25, 10, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert common.lr_at(50, 10, cfg) == pytest.approx(0.5)
+    assert common.lr_at(100, 10, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert common.lr_at(150, 10, cfg) == pytest.approx(0.0, abs=1e-12)   # held at 0 past the period
     # the blog: cosine over 320 epochs, stopped after 10 -> lr barely moves
     blog = common.Config(lr=0.8, epochs=10, schedule_epochs=320)
     assert common.lr_at(10 * 410 - 1, 410, blog) == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi * 10 / 320)), rel=1e-3)
@@ -470,7 +708,7 @@ def test_param_groups_exclusions_and_per_module_lars():
 # ---------------------------------------------------------------------- augmentations
 
 def _params(n, seed=0, size=32):
-    return common.sample_aug_params(n, size, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    return augment.sample_aug_params(n, size, torch.Generator().manual_seed(seed), torch.device("cpu"))
 
 
 def test_augmentation_is_drawn_per_image_and_per_view():
@@ -491,7 +729,7 @@ def test_two_views_in_one_pass_are_two_augment_calls():
     same order, and bitwise the same images, as two augment() calls on a rank's part of the batch."""
     x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mean, std = common.mean_std("synthetic", "cpu")
-    views = common.view_settings(dataclasses.replace(SMALL, **common.BYOL_AUG))
+    views = common.view_settings(dataclasses.replace(SMALL, **presets.BYOL_AUG))
     part = slice(16, 40)
     gen = torch.Generator().manual_seed(0)
     ref = [common.augment(x, gen, mean, std, part, **v) for v in views]
@@ -510,8 +748,8 @@ def test_the_augmentation_compiles_as_one_graph():
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mean, std = common.mean_std("synthetic", "cpu")
     params = _params(8)
-    traced = torch.compile(common.apply_aug, backend="eager", fullgraph=True, dynamic=False)
-    assert torch.equal(traced(x, params, mean, std), common.apply_aug(x, params, mean, std))
+    traced = torch.compile(augment.apply_aug, backend="eager", fullgraph=True, dynamic=False)
+    assert torch.equal(traced(x, params, mean, std), augment.apply_aug(x, params, mean, std))
 
 
 def test_augmentation_parameter_statistics():
@@ -543,7 +781,7 @@ def test_crop_and_flip_match_torchvision():
     img = _images()
     p = _params(6, seed=1)
     p["flip"] = torch.tensor([True, False] * 3)
-    ours = common.resized_crop_flip(img, p["box"], p["flip"], 32)
+    ours = augment.resized_crop_flip(img, p["box"], p["flip"], 32)
     for i in range(6):
         t, l, h, w = (int(v) for v in p["box"][i])
         ref = TF.resized_crop(img[i], t, l, h, w, [32, 32], antialias=True)
@@ -561,49 +799,50 @@ def test_color_ops_match_torchvision():
         factors[:, 3] = 0
         factors[:, op] = factor
         order = torch.tensor([op, *[o for o in range(4) if o != op]]).repeat(8, 1)
-        ours = common.color_jitter(img, factors, order, torch.ones(8, dtype=torch.bool))
+        ours = augment.color_jitter(img, factors, order, torch.ones(8, dtype=torch.bool))
         for i in range(8):
             assert torch.allclose(ours[i], ref_fn(img[i], factor[i].item()), atol=1e-5), (op, i)
-    gray = common.grayscale(img).expand_as(img)
+    gray = augment.grayscale(img).expand_as(img)
     assert torch.allclose(gray, TF.rgb_to_grayscale(img, 3), atol=1e-6)
 
 
 def test_solarize_matches_torchvision_and_is_applied_per_image():
     img = _images(8)
-    assert torch.allclose(common.solarize(img), TF.solarize(img, 0.5), atol=1e-7)
+    assert torch.allclose(augment.solarize(img), TF.solarize(img, 0.5), atol=1e-7)
     mean, std = common.mean_std("synthetic", "cpu")
     params = _params(8)
     params["solarize"] = torch.tensor([True, False] * 4)
     x = (img * 255).round().to(torch.uint8)
-    on, off = (common.apply_aug(x, dict(params, solarize=m), mean, std)
+    on, off = (augment.apply_aug(x, dict(params, solarize=m), mean, std)
                for m in (params["solarize"], torch.zeros(8, dtype=torch.bool)))
     assert torch.equal(on[1::2], off[1::2]) and not torch.allclose(on[0::2], off[0::2])
-    expected = (common.solarize(off * std + mean) - mean) / std
+    expected = (augment.solarize(off * std + mean) - mean) / std
     assert torch.allclose(on[0::2], expected[0::2], atol=1e-5)
 
 
 def test_views_get_their_own_augmentation_settings_at_the_asked_rates():
-    """view_settings gives each view its own crop scale, jitter strength and blur and solarize
-    rates (here the BYOL paper's asymmetric recipe); each view's parameters are drawn independently
-    of the other's, per image, at the asked-for rates. The blog's settings (the default) draw no
-    solarize, so their random stream is what it was before solarize existed."""
-    cfg = dataclasses.replace(SMALL, **common.BYOL_AUG, aug_jitter=(1.0, 0.5))
+    """view_settings gives each view its own crop scale and blur and solarize rates (here the
+    BYOL paper's asymmetric recipe), and both the blog's colour jitter; each view's parameters are
+    drawn independently of the other's, per image, at the asked-for rates. The blog's settings (the
+    default) draw no solarize, so their random stream is what it was before solarize existed."""
+    cfg = dataclasses.replace(SMALL, **presets.BYOL_AUG)
     v, v2 = common.view_settings(cfg)
     assert v["p_blur"] == 1.0 and v2["p_blur"] == 0.1 and v["p_solarize"] == 0.0 and v2["p_solarize"] == 0.2
-    assert v["scale"] == (0.08, 1.0) and v2["jitter"] == (0.2, 0.2, 0.2, 0.05)
+    assert v["scale"] == (0.08, 1.0) and v2["scale"] == (0.08, 1.0)
+    assert "jitter" not in v and "jitter" not in v2   # sample_aug_params' default: the blog's strength
     gen = torch.Generator().manual_seed(0)
     n = 20000
-    p1, p2 = (common.sample_aug_params(n, 32, gen, torch.device("cpu"), **s) for s in (v, v2))
+    p1, p2 = (augment.sample_aug_params(n, 32, gen, torch.device("cpu"), **s) for s in (v, v2))
     for p, blur, sol in ((p1, 1.0, 0.0), (p2, 0.1, 0.2)):
         assert abs(p["blur"].float().mean() - blur) < 0.01 and abs(p["solarize"].float().mean() - sol) < 0.01
     area = p1["box"][:, 2] * p1["box"][:, 3] / 32 ** 2
     assert area.min() < 0.1 and area.min() >= 0.07                           # down to 8%
-    assert p2["factors"][:, 0].min() >= 0.8 and p2["factors"][:, 0].max() <= 1.2   # strength 0.5
+    assert p2["factors"][:, 0].min() < 0.61 and p2["factors"][:, 0].max() > 1.39   # the blog's 0.4
     # independent: v's solarize/blur draws say nothing about v''s
     both = (p2["solarize"] & (p1["flip"])).float().mean()
     assert abs(both - 0.2 * 0.5) < 0.01
-    default = common.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"))
-    again = common.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"), p_solarize=0.0)
+    default = augment.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"))
+    again = augment.sample_aug_params(64, 32, torch.Generator().manual_seed(1), torch.device("cpu"), p_solarize=0.0)
     assert not default["solarize"].any() and all(torch.equal(default[k], again[k]) for k in default)
     assert dataclasses.replace(SMALL, aug_blur=0.3).aug_blur == (0.3, 0.3)   # one value: both views
 
@@ -612,7 +851,7 @@ def test_color_jitter_random_order_matches_sequential_torchvision():
     img = _images(12)
     p = _params(12, seed=3)
     p["jitter"][:2] = False
-    ours = common.color_jitter(img, p["factors"], p["order"], p["jitter"])
+    ours = augment.color_jitter(img, p["factors"], p["order"], p["jitter"])
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(12):
         ref = img[i]
@@ -627,8 +866,8 @@ def test_blur_matches_torchvision(size):
     img = _images(4, size)
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     apply = torch.tensor([True, True, False, True])
-    k = common.blur_kernel_size(size)
-    ours = common.gaussian_blur(img, sigma, apply, k)
+    k = augment.blur_kernel_size(size)
+    ours = augment.gaussian_blur(img, sigma, apply, k)
     for i in range(4):
         ref = TF.gaussian_blur(img[i], [k, k], [sigma[i].item()] * 2) if apply[i] else img[i]
         assert torch.allclose(ours[i], ref, atol=1e-5), i
@@ -673,7 +912,7 @@ def test_blog_probe_matches_sklearn_liblinear():
 
 
 def test_probe_features_are_fp32_under_bf16():
-    data = common.make_synthetic(64, 256)
+    data = runtime.make_synthetic(64, 256)
     enc = common.BYOL(SMALL).online_encoder
     cpu = torch.device("cpu")
     fp32 = common.linear_probe(enc, data, dataclasses.replace(SMALL, precision="fp32"), cpu)
@@ -701,19 +940,19 @@ def _check_tf32_scopes(monkeypatch):
     enc = common.BYOL(SMALL).online_encoder
     real_forward = enc.forward
     monkeypatch.setattr(enc, "forward", lambda x: (seen.append(_tf32_flags()), real_forward(x))[1])
-    common.extract_features(enc, common.make_synthetic(8, 8)["test_x"], *common.mean_std("synthetic", "cpu"), "cpu")
+    common.extract_features(enc, runtime.make_synthetic(8, 8)["test_x"], *common.mean_std("synthetic", "cpu"), "cpu")
     assert seen and set(seen) == {(False, False)} and _tf32_flags() == (True, True)
     real_step = common.train_step
     for precision, inside in (("fp32", (False, False)), ("bf16", (True, True))):
         seen.clear()
         monkeypatch.setattr(common, "train_step", lambda *a: (seen.append(_tf32_flags()), real_step(*a))[1])
         cfg = dataclasses.replace(SMALL, precision=precision, epochs=1, eval_every=0)
-        common.train_byol(cfg, data=common.make_synthetic(128, 64))
+        common.train_byol(cfg, data=runtime.make_synthetic(128, 64))
         assert set(seen) == {inside} and _tf32_flags() == (True, True)
 
 
 def test_probe_does_not_touch_the_encoder():
-    data = common.make_synthetic(64, 64)
+    data = runtime.make_synthetic(64, 64)
     model = common.BYOL(SMALL)
     enc = model.online_encoder.train()
     enc(torch.randn(8, 3, 32, 32))             # non-trivial running stats
@@ -732,7 +971,7 @@ def test_recomputed_bn_stats_are_the_data_statistics():
     imgs = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     m, s = common.mean_std("synthetic", "cpu")
     new = common.recompute_bn_stats(net, imgs, m, s, torch.device("cpu"), batch_size=20)
-    x = common.normalize(imgs.float() / 255, m, s)
+    x = augment.normalize(imgs.float() / 255, m, s)
     first = nn.functional.conv2d(x, net.conv1.weight, padding=1)
     assert torch.allclose(new.bn1.running_mean, first.mean((0, 2, 3)), atol=1e-4)
     assert net.bn1.running_mean.abs().sum() == 0   # the original is untouched
@@ -751,21 +990,21 @@ def _write_cifar(folder, n=20):
 
 
 def test_cifar_loader_and_errors(tmp_path):
-    _write_cifar(tmp_path / harness.CIFAR_DIR)
-    d = harness.load_data("cifar10", str(tmp_path))
+    _write_cifar(tmp_path / runtime.CIFAR_DIR)
+    d = runtime.load_data("cifar10", str(tmp_path))
     assert d["train_x"].shape == (100, 3, 32, 32) and d["train_x"].dtype == torch.uint8
     assert d["test_x"].shape == (20, 3, 32, 32) and d["test_y"].dtype == torch.int64
-    raw = pickle.load(open(tmp_path / harness.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
+    raw = pickle.load(open(tmp_path / runtime.CIFAR_DIR / "data_batch_1", "rb"), encoding="bytes")
     assert d["train_x"][0, 1, 0, 0] == raw[b"data"][0, 1024]     # planar R, G, B
-    with pytest.raises(harness.UsageError, match="looked in"):
-        harness.load_data("cifar10", str(tmp_path / "nowhere"))
-    (tmp_path / harness.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(harness.UsageError, match="unreadable"):
-        harness.load_data("cifar10", str(tmp_path))
+    with pytest.raises(runtime.UsageError, match="looked in"):
+        runtime.load_data("cifar10", str(tmp_path / "nowhere"))
+    (tmp_path / runtime.CIFAR_DIR / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(runtime.UsageError, match="unreadable"):
+        runtime.load_data("cifar10", str(tmp_path))
 
 
 def test_stl10_loader_reads_the_binary_layout(tmp_path):
-    folder = tmp_path / harness.STL_DIR
+    folder = tmp_path / runtime.STL_DIR
     folder.mkdir()
     rng = np.random.default_rng(0)
     images = {s: rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8) for s, n in
@@ -775,20 +1014,20 @@ def test_stl10_loader_reads_the_binary_layout(tmp_path):
         x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
     for split, n in (("train", 4), ("test", 6)):
         np.arange(1, n + 1, dtype=np.uint8).tofile(folder / f"{split}_y.bin")
-    d = harness.load_data("stl10", str(tmp_path))
+    d = runtime.load_data("stl10", str(tmp_path))
     assert d["pretrain_x"].shape == (7, 3, 96, 96)
     assert torch.equal(d["test_x"], torch.from_numpy(images["test"]))
     assert torch.equal(d["pretrain_x"][4:], torch.from_numpy(images["unlabeled"]))
     assert d["train_y"].tolist() == [0, 1, 2, 3]                 # 1..10 on disk -> 0..9
     (folder / "test_X.bin").write_bytes(b"\x00" * 1000)
-    with pytest.raises(harness.UsageError, match="whole number"):
-        harness.load_data("stl10", str(tmp_path))
+    with pytest.raises(runtime.UsageError, match="whole number"):
+        runtime.load_data("stl10", str(tmp_path))
 
 
 # ------------------------------------------------------------------- training loop
 
 def test_seeded_training_is_reproducible_and_seed_dependent():
-    data = common.make_synthetic(256, 128)
+    data = runtime.make_synthetic(256, 128)
     cfg = dataclasses.replace(SMALL, epochs=1, eval_every=1)
 
     def strip(rows):
@@ -802,28 +1041,39 @@ def test_seeded_training_is_reproducible_and_seed_dependent():
 
 
 def test_the_research_code_stands_on_its_own():
-    """common.py imports no module of the repo, and train_byol runs from a Config alone, as in a
-    notebook: one process, no checkpoint, the synthetic data made, the device picked, the harness
-    never imported. (The same call at the default width, Config(dataset="synthetic", epochs=1),
-    takes minutes on 2 cores; this one is narrower.)"""
-    tree = ast.parse((ROOT / "common.py").read_text())
-    imported = ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    """common.py imports, of the repo's modules, only the library under it (runtime.py, augment.py),
+    and those import nothing of the repo but each other and common (no harness, no script); and
+    train_byol runs from a Config alone, as in a notebook: one process, no checkpoint, the synthetic
+    data made, the device picked, the harness and every script never imported. (The same call at
+    the default width, Config(dataset="synthetic", epochs=1), takes minutes on 2 cores; this one is
+    narrower.)"""
+    library = {"common", "runtime", "augment"}
+    repo = {p.stem for p in ROOT.glob("*.py")}
+    assert library <= repo
+
+    def imports(name):   # every module a file imports, at its top or inside a function
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        return ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
                 | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
-    assert imported and not imported & {p.stem for p in ROOT.glob("*.py")}
+    assert imports("common") & repo == {"runtime", "augment"}
+    for name in library:
+        assert imports(name) & repo <= library - {name}, name
     code = ("import sys\nfrom common import Config, train_byol\n"
             "rows = train_byol(Config(dataset='synthetic', epochs=1, width=4, mlp_hidden_dim=32, proj_dim=16, "
-            "batch_size=64))\nprint([r['epoch'] for r in rows], rows[-1]['probe_acc'] > 0, 'harness' in sys.modules)")
+            "batch_size=64))\nprint([r['epoch'] for r in rows], rows[-1]['probe_acc'] > 0, 'harness' in sys.modules)\n"
+            f"print(sorted(set(sys.modules) & set({sorted(repo)!r})))")
     r = conftest.run([sys.executable, "-c", code], cwd=ROOT, timeout=240)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[-2] == "[0, 1] True False"
+    assert r.stdout.split("\n")[-3] == "[0, 1] True False"
+    assert r.stdout.split("\n")[-2] == str(sorted(library))   # no script, no harness, not even presets
 
 
 AVX2_STEP = """
-import torch, common
+import torch, common, runtime
 torch.set_num_threads(1)   # one thread: the out-of-bounds write crashes instead of hanging
 cfg = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64, epochs=1,
                     train_subset=64, eval_every=0, device="cpu")
-rows = common.train_byol(cfg, data=common.make_synthetic(64, 64))
+rows = common.train_byol(cfg, data=runtime.make_synthetic(64, 64))
 print("loss", rows[-1]["loss"])
 """
 
@@ -848,13 +1098,13 @@ def test_conv_format_channels_last_only_where_safe():
 
 
 def test_image_size_area_averages_every_split():
-    data = common.make_synthetic(8, 8)
-    small = common.resize_images(data, 16)
+    data = runtime.make_synthetic(8, 8)
+    small = runtime.resize_images(data, 16)
     assert small["pretrain_x"].shape == (8, 3, 16, 16) and small["test_x"].shape == (8, 3, 16, 16)
     assert torch.equal(small["test_y"], data["test_y"])
     blocks = data["train_x"].float().view(8, 3, 16, 2, 16, 2).mean((3, 5))
     assert (small["train_x"].float() - blocks).abs().max() <= 0.5   # the 2x2 mean, rounded
-    rows = common.train_byol(dataclasses.replace(SMALL, image_size=16, epochs=1), data=common.make_synthetic(64, 64))
+    rows = common.train_byol(dataclasses.replace(SMALL, image_size=16, epochs=1), data=runtime.make_synthetic(64, 64))
     assert math.isfinite(rows[-1]["loss"]) and rows[-1]["probe_acc"] is not None
 
 
@@ -862,13 +1112,13 @@ def test_cpu_training_flushes_denormal_floats():
     """Decayed weights of a collapsed run can underflow into denormals, ~90x slower on a CPU."""
     torch.set_flush_denormal(False)
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
-    common.train_byol(dataclasses.replace(SMALL, epochs=0), data=common.make_synthetic(64, 64))
+    common.train_byol(dataclasses.replace(SMALL, epochs=0), data=runtime.make_synthetic(64, 64))
     assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
 
 
 def test_training_learns_on_synthetic_data():
     """BYOL with BN MLPs lowers its loss and its features beat the untrained ones."""
-    data = common.make_synthetic(512, 1024)
+    data = runtime.make_synthetic(512, 1024)
     rows = common.train_byol(dataclasses.replace(SMALL, width=8, epochs=5, eval_every=5, lr=0.4), data=data)
     assert rows[-1]["loss"] < rows[1]["loss"]
     assert rows[-1]["probe_acc"] > rows[0]["probe_acc"] + 10   # measured: +22 (seed 0), +43 (seed 1)
@@ -878,14 +1128,14 @@ def test_bad_config_values_raise():
     for bad in (dict(epochs=-1), dict(proj_norm="batch"), dict(batch_size=0), dict(base_tau=1.5),
                 dict(objective="contrastive", queue_size=8), dict(mlp_bn_group=1), dict(mlp_bn_group=48),
                 dict(mlp_bn_group=-2)):
-        with pytest.raises(harness.UsageError):
-            harness.check_config(dataclasses.replace(SMALL, **bad))
-    with pytest.raises(harness.UsageError, match="batch_size"):
-        common.train_byol(dataclasses.replace(SMALL, batch_size=5000), data=common.make_synthetic(64, 64))
+        with pytest.raises(runtime.UsageError):
+            runtime.check_config(dataclasses.replace(SMALL, **bad))
+    with pytest.raises(runtime.UsageError, match="batch_size"):
+        common.train_byol(dataclasses.replace(SMALL, batch_size=5000), data=runtime.make_synthetic(64, 64))
     # ghost groups where no MLP norm takes them would be a silent no-op
-    with pytest.raises(harness.UsageError, match="bn_running, none"):
-        harness.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="none"))
-    harness.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="bn"))
+    with pytest.raises(runtime.UsageError, match="bn_running, none"):
+        runtime.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="none"))
+    runtime.check_config(dataclasses.replace(SMALL, mlp_bn_group=4, proj_norm="bn_running", pred_norm="bn"))
 
 
 
@@ -915,9 +1165,9 @@ def test_bf16_autocast_runs_only_the_encoders_in_bf16():
     assert z.dtype == p.dtype == t.dtype == torch.float32   # projector and predictor do not
     assert all(out[k].dtype == torch.float32 for k in ("loss", "pos_cos", "neg_cos", "z_std"))
     cpu = torch.device("cpu")
-    assert not common.use_bf16(SMALL, cpu) and common.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
-    with pytest.raises(harness.UsageError):
-        harness.check_config(dataclasses.replace(SMALL, precision="fp16"))
+    assert not runtime.use_bf16(SMALL, cpu) and runtime.use_bf16(dataclasses.replace(SMALL, precision="bf16"), cpu)
+    with pytest.raises(runtime.UsageError):
+        runtime.check_config(dataclasses.replace(SMALL, precision="fp16"))
 
 
 
@@ -929,7 +1179,7 @@ def test_checkpoints_after_the_first_epoch_then_at_most_every_interval(monkeypat
     saved = []
     monkeypatch.setattr(harness, "save_checkpoint", lambda path, cfg, model, opt, gen, rows, step: saved.append(rows[-1]["epoch"]))
     cfg = dataclasses.replace(SMALL, epochs=4, eval_every=0)
-    data = common.make_synthetic(128, 64)
+    data = runtime.make_synthetic(128, 64)
     for every, expected in ((1e9, [0, 1]), (0, [0, 1, 2, 3])):
         saved.clear()
         monkeypatch.setattr(harness, "CHECKPOINT_EVERY_S", every)
@@ -1007,12 +1257,12 @@ def test_decay_on_puts_decay_only_where_named():
 
 
 def test_recovery_metrics_angle_and_rank():
-    """exp_recovery.py's instruments: the angle between two tensors (exact for small angles) and the
-    effective rank (1 for a batch on a line, d for an isotropic one)."""
-    import exp_recovery
+    """The recovery instruments (instruments.py, logged by exp_recovery.py): the angle between two
+    tensors (exact for small angles) and the effective rank (1 for a batch on a line, d for an
+    isotropic one)."""
     a = torch.tensor([1.0, 0.0, 0.0])
-    assert exp_recovery.angle(a, torch.tensor([1.0, 1e-5, 0.0])) == pytest.approx(1e-5, rel=1e-6)
-    assert exp_recovery.angle(a, torch.tensor([0.0, 2.0, 0.0])) == pytest.approx(math.pi / 2)
+    assert instruments.angle(a, torch.tensor([1.0, 1e-5, 0.0])) == pytest.approx(1e-5, rel=1e-6)
+    assert instruments.angle(a, torch.tensor([0.0, 2.0, 0.0])) == pytest.approx(math.pi / 2)
     line = torch.randn(64, 1) * torch.randn(1, 16)
     assert common.effective_rank(line) == pytest.approx(1.0, abs=1e-3)
     eye = torch.eye(16).repeat(4, 1)   # 4 copies of each basis vector: an isotropic spread

@@ -1,6 +1,6 @@
-"""Tests of the run harness (harness.py) and the scripts built on it: every script's --smoke run,
-reuse of finished runs, resume, the CSV's safety, bad input, torchrun, merging and plotting results,
-exp_escape_law's analysis. CPU only (conftest.py hides GPUs), no downloads."""
+"""Tests of the run harness (harness.py, runtime.py) and the scripts built on it: every script's
+--smoke run, reuse of finished runs and what the reuse key covers, resume, the CSV's safety, bad
+input, torchrun, merging and plotting results. CPU only (conftest.py hides GPUs), no downloads."""
 import csv
 import dataclasses
 import functools
@@ -18,6 +18,7 @@ import torch
 import common
 import conftest
 import harness
+import runtime
 
 ROOT = Path(__file__).resolve().parent
 SMALL = common.Config(dataset="synthetic", width=4, mlp_hidden_dim=32, proj_dim=16, batch_size=64,
@@ -319,7 +320,7 @@ def test_unreadable_checkpoint_is_kept_aside_and_the_run_starts_afresh(tmp_path,
     ckpt = tmp_path / "run.pt"
     ckpt.write_bytes(b"PK\x03\x04 truncated")
     cfg = dataclasses.replace(SMALL, epochs=1, eval_every=0)
-    rows = common.train_byol(cfg, data=common.make_synthetic(64, 64), checkpoint=harness.Checkpoints(ckpt))
+    rows = common.train_byol(cfg, data=runtime.make_synthetic(64, 64), checkpoint=harness.Checkpoints(ckpt))
     assert [r["epoch"] for r in rows] == [0, 1]
     assert "unreadable" in capsys.readouterr().err and (tmp_path / "run.pt.bad").exists()
 
@@ -351,7 +352,8 @@ def _main_in_process(argv, capsys):
     (["--set", "encoder_norm=gn", "--set", "width=40"], "GroupNorm"),
     (["--set", "lr=nan"], "lr must be finite"),
     (["--set", "lr=inf"], "lr must be finite"),
-    (["--set", "temperature=0"], "temperature"),
+    (["--set", "lars_eta=0"], "lars_eta must be finite and > 0"),
+    (["--set", "temperature=0.1"], "KEY a Config field"),   # a removed field: no longer settable
     (["--set", "momentum=-1"], "momentum"),
     (["--set", "weight_decay=-1e-4"], "weight_decay"),
     (["--set", "image_size=4"], "image_size must be 0"),
@@ -376,6 +378,10 @@ def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monk
     assert "  width = 64   presets: blog 64, cifar10 64, cpu 16, steps 8\n" in r.stdout
     assert "  epochs = 10   presets: blog 320, cifar10 320, cpu 8, steps 130\n" in r.stdout
     assert all(f"{hook}(" in r.stdout for hook in harness.HOOKS)   # the hooks a variant may name
+    # model_fn's signature and the BYOL extension points a subclass overrides
+    assert "model_fn(cfg, image_size) -> a common.BYOL subclass" in r.stdout
+    assert all(point in r.stdout for point in ("build_encoder", "online", "target", "loss", "update_target",
+                                               "after_step", "EMA_PAIRS"))
     # --set over a variant's own value: a warning, and the header prints the value used
     seen = []
     monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
@@ -407,11 +413,11 @@ def test_an_override_that_departs_from_the_preset_says_so_at_the_start(capsys):
 
 
 def test_the_data_folder_found_is_printed(tmp_path, capsys):
-    sub, files = harness.DATA_FILES["cifar10"]
+    sub, files = runtime.DATA_FILES["cifar10"]
     (tmp_path / sub).mkdir()
     for f in files:
         (tmp_path / sub / f).write_bytes(b"")
-    assert harness.find_dataset("cifar10", str(tmp_path)) == tmp_path / sub
+    assert runtime.find_dataset("cifar10", str(tmp_path)) == tmp_path / sub
     assert f"data: cifar10 from {tmp_path / sub}" in capsys.readouterr().out
 
 
@@ -434,12 +440,12 @@ def test_missing_data_folder_exits_2(tmp_path):
 
 
 def test_unreadable_data_folder_is_reported_as_such(tmp_path, monkeypatch):
-    folder = tmp_path / harness.CIFAR_DIR
+    folder = tmp_path / runtime.CIFAR_DIR
     folder.mkdir()
     # the tests may run as root, for whom chmod 000 does not block reads: fake the permission
-    monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != folder)
-    with pytest.raises(harness.UsageError, match="permission denied"):
-        harness.load_data("cifar10", str(tmp_path))
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(runtime.UsageError, match="permission denied"):
+        runtime.load_data("cifar10", str(tmp_path))
 
 
 def test_diverged_run_stops_and_is_recorded(tmp_path):
@@ -587,9 +593,25 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     assert "[rank1]: Traceback" not in r.stderr and "[rank0]: Traceback" not in r.stderr
 
 
+def test_the_multi_process_rules_are_check_configs(monkeypatch):
+    """Under torchrun (faked: two ranks) check_config, the one place of every rule, also refuses
+    what cannot split over the processes; in one process the same configs are valid."""
+    for bad, message in ((dict(batch_size=65), "multiple of the 2 processes"),
+                         (dict(mlp_bn_group=64, batch_size=64), "per-process batch 32"),
+                         (dict(sync_bn=True, probe_bn="recompute"), "probe_bn=recompute"),
+                         (dict(sync_bn=True), "--sync-bn needs CUDA")):
+        cfg = dataclasses.replace(SMALL, **bad)
+        monkeypatch.setattr(runtime, "world", lambda: (0, 2))
+        with pytest.raises(runtime.UsageError, match=message):
+            runtime.check_config(cfg)
+        monkeypatch.setattr(runtime, "world", lambda: (0, 1))
+        runtime.check_config(cfg)
+
+
 def test_ddp_falls_back_to_broadcast_buffers_on_older_torch(monkeypatch):
-    """torch < 2.13 has no forward_sync_buffers: harness.ddp then turns buffer broadcasts off with
-    broadcast_buffers=False (the buffers are kept identical by the loop, not by DDP)."""
+    """torch < 2.13 has no forward_sync_buffers: runtime.Torchrun().wrap then turns buffer
+    broadcasts off with broadcast_buffers=False (the buffers are kept identical by the loop, not by
+    DDP). In one process it leaves the model as it is."""
     seen = {}
 
     class OldDDP:   # the signature of torch 2.4-2.12's DistributedDataParallel
@@ -600,44 +622,21 @@ def test_ddp_falls_back_to_broadcast_buffers_on_older_torch(monkeypatch):
         def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True):
             seen.update(forward_sync_buffers=forward_sync_buffers, broadcast_buffers=broadcast_buffers)
 
-    monkeypatch.setattr(harness, "world", lambda: (0, 2))
+    monkeypatch.setattr(runtime, "world", lambda: (0, 2))
     model = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(harness, "DistributedDataParallel", OldDDP)
-    assert isinstance(harness.ddp(model, torch.device("cpu")), OldDDP)
+    monkeypatch.setattr(runtime, "DistributedDataParallel", OldDDP)
+    assert isinstance(runtime.Torchrun().wrap(model, torch.device("cpu")), OldDDP)
     assert seen == dict(module=model, device_ids=None, broadcast_buffers=False)
     seen.clear()
-    monkeypatch.setattr(harness, "DistributedDataParallel", NewDDP)
-    harness.ddp(model, torch.device("cpu"))
+    monkeypatch.setattr(runtime, "DistributedDataParallel", NewDDP)
+    runtime.Torchrun().wrap(model, torch.device("cpu"))
     assert seen == dict(forward_sync_buffers=False, broadcast_buffers=True)
-    monkeypatch.setattr(harness, "world", lambda: (0, 1))
-    assert harness.ddp(model, torch.device("cpu")) is model
+    monkeypatch.setattr(runtime, "world", lambda: (0, 1))
+    assert runtime.Torchrun().wrap(model, torch.device("cpu")) is model
+    assert runtime.process_group() is runtime.ONE_PROCESS and runtime.ONE_PROCESS.wrap(model, None) is model
 
 
-# ---------------------------------------------------------------- exp_escape_law: reading an escape
-def _loss_rows(losses, neg=0.9999):
-    return [dict(epoch=str(e), loss=str(x), neg_cos=str(neg)) for e, x in enumerate(losses, start=1)]
-
-
-def test_escape_reads_turn_and_rise_from_the_loss():
-    import exp_escape_law as law
-    # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
-    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
-    assert law.escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
-    # never collapsed (negative cosine below 0.999): no escape, whatever the loss does
-    assert law.escape(_loss_rows([1e-2, 1e-4, 1e-3], neg=0.5)) == (None, None)
-    # counting starts at the first collapsed epoch: the fall before it is not a lowest value
-    rows = _loss_rows([1e-6, 1e-2, 1e-3, 5e-3])
-    rows[0]["neg_cos"] = "0.5"
-    assert law.escape(rows) == (3, 4)
-
-
-def test_escape_fit_recovers_a_known_power_law():
-    import exp_escape_law as law
-    rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
-    slope, se, n = law.fit(rows, "rise")
-    assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
-    assert law.fit(rows, "turn") == (None, None, 0)
-
+# ---------------------------------------------------------------- exp_escape_law's grid
 
 def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
     import exp_escape_law as law
@@ -645,12 +644,6 @@ def test_escape_law_variants_keep_lr_times_wd_and_reach_the_clock():
         assert any(math.isclose(v["lr"] * v["weight_decay"], p, rel_tol=1e-3) for p in law.PRODUCTS), name
         assert law.epochs_for(v) * 78 * v["lr"] * v["weight_decay"] >= law.CLOCK
     assert len(law.VARIANTS) == len(law.PRODUCTS) * len(law.LRS)
-
-
-def test_escape_law_analyze_refuses_a_foreign_csv_in_one_line(tmp_path):
-    for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
-        r = _run([str(ROOT / "exp_escape_law.py"), "--analyze", str(target)], tmp_path)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
 
 
 def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
@@ -740,6 +733,7 @@ HOOKED_SCRIPT = '''"""a copied script with its own parameter groups"""
 import functools
 import common
 import harness
+import presets
 
 
 def groups(model, cfg, factor=FACTOR):
@@ -748,7 +742,7 @@ def groups(model, cfg, factor=FACTOR):
 
 VARIANTS = {"hooked": dict(groups_fn=groups), "partial": dict(groups_fn=functools.partial(groups, factor=2.0))}
 if __name__ == "__main__":
-    harness.main("hooked", __doc__, common.TABLE1_PRESETS, VARIANTS)
+    harness.main("hooked", __doc__, presets.TABLE1_PRESETS, VARIANTS)
 '''
 
 
@@ -778,6 +772,7 @@ def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
 EDITED_SCRIPT = '''"""a copied script: a one-sided loss whose code reaches outside the hook"""
 import common
 import harness
+import presets
 
 LOSS_SCALE = 2.0   # one term for the symmetric loss's two
 _library_ema = common.ema_update_
@@ -799,13 +794,13 @@ class Base(common.BYOL):
 
 
 class OneSided(Base):
-    def loss(self, p1, p2, t1, t2):
+    def loss(self, p1, p2, t1, t2, z1, z2):
         return scaled((1 - (p1 * t2).sum(1)).mean())
 
 
 VARIANTS = {"one_sided": dict(model_fn=OneSided)}
 if __name__ == "__main__":
-    harness.main("edited", __doc__, common.TABLE1_PRESETS, VARIANTS)
+    harness.main("edited", __doc__, presets.TABLE1_PRESETS, VARIANTS)
 '''
 
 
@@ -851,10 +846,100 @@ def test_an_edit_anywhere_in_the_script_retrains(tmp_path):
     assert {r["cfg_model_fn"] for r in _rows(path) if r["variant"] == "byol"} == {"BYOL"}
 
 
+VIT_SCRIPT = '''"""a copied script whose model uses a helper from a package in a subfolder"""
+import common
+import harness
+import presets
+from pkg import vitlib
+
+
+class Scaled(common.BYOL):
+    def loss(self, p1, p2, t1, t2, z1, z2):
+        return vitlib.scale() * super().loss(p1, p2, t1, t2, z1, z2)
+
+
+VARIANTS = {"scaled": dict(model_fn=Scaled)}
+if __name__ == "__main__":
+    harness.main("vit", __doc__, presets.TABLE1_PRESETS, VARIANTS)
+'''
+VITLIB = '''"""the helper: its constant is read inside the model's loss"""
+DIM = 64
+
+
+def scale():
+    return DIM / 64
+'''
+
+
+def test_an_edit_of_a_helper_in_a_subfolder_package_retrains(tmp_path):
+    """The reuse key covers the modules a script imports from its folder's tree, packages in
+    subfolders included (issue 36: pkg/vitlib.py's DIM went from 64 to 32 and the old run was
+    reused as "identical settings"). A docstring edit of the helper still reuses."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    helper, script = tmp_path / "pkg" / "vitlib.py", tmp_path / "exp_vit.py"
+    helper.write_text(VITLIB)
+    script.write_text(VIT_SCRIPT)
+
+    def run():
+        r = _run_copied(script, tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    assert "epoch   1" in run()
+    helper.write_text(VITLIB.replace("the helper:", "the helper (edited docstring):"))
+    assert "reused 1 finished run(s)" in run()
+    helper.write_text(VITLIB.replace("DIM = 64", "DIM = 32"))
+    out = run()
+    assert "reused" not in out and "epoch   1" in out and "these train anew" in out
+    assert len({r["cfg_hash"] for r in _rows(tmp_path / "vit_smoke.csv")}) == 2
+
+
+DIGESTED = '''"""doc"""
+import common
+SCALE = 2.0   # a comment
+VARIANTS = {"a": dict(lr=0.1)}
+
+
+def f(x):
+    """doc"""
+    return SCALE * x
+'''
+
+
+def test_source_digest_skips_docstrings_comments_and_the_grid_only(tmp_path):
+    """What source_digest leaves out (docstrings, where a script tells its finding; comments; the
+    statements that only fill the grid, so that a new variant reuses the others) and that every
+    other edit counts."""
+    path = tmp_path / "m.py"
+
+    def digest(text):
+        path.write_text(text)
+        return harness.source_digest(path)
+    ref = digest(DIGESTED)
+    grid = 'VARIANTS["c"] = dict(lr=0.3)\nVARIANTS.update(d=dict())\nfor k in "ef":\n    VARIANTS[k] = {}\n'
+    for same in (DIGESTED.replace('"""doc"""', '"""another doc"""'), DIGESTED.replace("# a comment", "# another"),
+                 DIGESTED.replace('dict(lr=0.1)', 'dict(lr=0.1), "b": dict(lr=0.2)'), DIGESTED + grid):
+        assert digest(same) == ref, same
+    for other in (DIGESTED.replace("SCALE = 2.0", "SCALE = 1.0"), DIGESTED.replace("SCALE * x", "SCALE + x"),
+                  DIGESTED + "common.ema_update_ = None\n", DIGESTED + "OTHER = {}\nOTHER.update(a=1)\n"):
+        assert digest(other) != ref, other
+
+
+def test_script_identity_covers_the_repos_helpers_and_leaves_the_library_to_lib_hash():
+    """A helper module beside the library (instruments.py, imported by the appendix scripts) is in
+    the reuse key; the library's modules are not: their edits are reported through lib_hash."""
+    import instruments   # noqa: F401
+    code = harness.script_identity()
+    assert code["instruments.py"] == harness.source_digest(ROOT / "instruments.py")
+    assert {"common", "harness", "runtime", "augment", "presets"} <= set(harness.LIBRARY)
+    assert not {f"{m}.py" for m in harness.LIBRARY} & set(code)
+    assert all((ROOT / f"{m}.py").is_file() for m in harness.LIBRARY)
+
+
 def test_a_csv_from_before_the_code_columns_gains_them_and_others_are_refused(tmp_path, capsys):
     """A CSV written before lib_hash and the cfg_<hook> columns (every CSV of results/) is rewritten
-    with them, empty, its rows kept, when a run opens it; a CSV with any other difference in its
-    columns is still refused."""
+    with them, empty, its rows kept, when a run opens it (its run of other settings is not reused,
+    and said so); a CSV with any other difference in its columns is still refused."""
     header = harness.COLUMNS + ["cfg_hash", "lib_hash", "cfg_lr", "cfg_model_fn"]
     old_header = [c for c in header if c not in ("lib_hash", "cfg_model_fn")]
     row = dict(exp="x", variant="v", seed="0", epoch="1", loss="0.5", cfg_hash="abc", cfg_lr="0.1")
@@ -862,15 +947,16 @@ def test_a_csv_from_before_the_code_columns_gains_them_and_others_are_refused(tm
     harness.rewrite_rows(path, old_header, [row])
     args = SimpleNamespace(out=str(tmp_path), fresh=False)
     configs = {"v": dataclasses.replace(SMALL, epochs=1)}
-    _, lock, done, other, _ = harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs)
+    _, lock, done = harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs, "lib")
     lock.close()
-    assert (done, other) == (set(), {("v", 0, "abc")})
-    assert "added column(s) lib_hash, cfg_model_fn, empty in its 1 earlier row(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert done == set() and "1 earlier run(s) of these variants and seeds" in out
+    assert "added column(s) lib_hash, cfg_model_fn, empty in its 1 earlier row(s)" in out
     (kept,) = _rows(path)
     assert list(kept) == header and kept == {**{c: "" for c in header}, **row}
     harness.rewrite_rows(path, old_header + ["cfg_momentum"], [row])
     with pytest.raises(harness.UsageError, match="exists with other columns"):
-        harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs)
+        harness.finished_runs(args, path.name, header, {("v", 0): "new"}, configs, "lib")
 
 
 def test_a_norm_registered_by_name_is_validated_hashed_and_in_the_csv(tmp_path):
@@ -881,11 +967,12 @@ def test_a_norm_registered_by_name_is_validated_hashed_and_in_the_csv(tmp_path):
 import torch.nn as nn
 import common
 import harness
+import presets
 
 common.MLP_NORMS["ln_noaffine"] = lambda dim, bn_group: nn.LayerNorm(dim, elementwise_affine=AFFINE)
 VARIANTS = {"mine": dict(proj_norm="ln_noaffine", pred_norm="ln_noaffine")}
 if __name__ == "__main__":
-    harness.main("mynorm", __doc__, common.TABLE1_PRESETS, VARIANTS)
+    harness.main("mynorm", __doc__, presets.TABLE1_PRESETS, VARIANTS)
 '''
     def run():
         return _run_copied(script, tmp_path)

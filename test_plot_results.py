@@ -126,7 +126,8 @@ def test_recovery_figures_and_the_fraction_by_hand(tmp_path):
     out = tmp_path / "figs"
     r = _plot_cli(["--recovery", a, b, "--out", out], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["recovery_c1.png", "recovery_d1.png", "recovery_fraction.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["noise.csv", "recovery_c1.png", "recovery_d1.png",
+                                                    "recovery_fraction.csv", "verdicts.csv"]
     rows = {(r["variant"], r["seed"], r["epoch"]): r for r in csv.DictReader(open(out / "recovery_fraction.csv"))}
     assert set(rows) == {("c1", "0", "2"), ("c1", "0", "4"), ("c1", "1", "2"), ("c1_all_decay", "0", "2")}
     assert float(rows[("c1", "0", "2")]["recovered_fraction"]) == pytest.approx((25 - 20) / (40 - 20))   # 0.25
@@ -175,27 +176,155 @@ def _runs(spec):
                   for e, p, n in pts} for key, pts in spec.items()}
 
 
-def test_recovery_verdicts_follow_the_criterion_seed_by_seed():
-    """c1: collapse, then a recovered fraction >= 0.5 at the end and not below the first one of the last
-    20%; d1: collapse, neg. cos <= 0.9 at every epoch of the last 20%, probe +5. Each way to fail, by hand."""
-    healthy = [(0, 20.0, None), (5, 40.0, 0.3), (8, 40.0, 0.3), (10, 40.0, 0.3)]
-    runs = _runs({
+def test_window_is_the_last_20_percent():
+    pts = [(e, e) for e in range(0, 11)]
+    assert plot_results.in_window(pts, 10) == [(9, 9), (10, 10)]   # epochs > 8.0
+    assert [e for e, _ in plot_results.in_window([(e, 0) for e in range(0, 527, 5)] + [(526, 0)], 526)][:2] == [425, 430]
+
+
+def test_c_rule_met_not_met_and_within_noise():
+    """Recovered fraction, delta 0.1: met needs mean >= 0.6 and 80% of evaluations >= 0.5."""
+    judge = lambda vals, delta=0.1: plot_results.judge_c(list(enumerate(vals)), delta)   # noqa: E731
+    # the last evaluation fails (0.45) but the mean passes and 4 of 5 are >= 0.5: met
+    j = judge([0.8, 0.8, 0.8, 0.8, 0.45])
+    assert j["status"] == "met" and j["share"] == 0.8 and j["min"] == 0.45 and j["mean"] == pytest.approx(0.73)
+    # the mean passes but only 3 of 5 evaluations are >= 0.5 (share below 80%): within noise
+    assert judge([0.9, 0.9, 0.9, 0.45, 0.45])["status"] == "within noise"
+    assert judge([0.55] * 5)["status"] == "within noise"            # above 0.5, not by delta
+    assert judge([0.3, 0.35, 0.38])["status"] == "not met"         # mean 0.343 <= 0.4
+    assert judge([0.45, 0.45])["status"] == "within noise"         # under 0.5, not by delta
+    assert judge([0.45, 0.45], delta=0.0)["status"] == "not met"
+    assert judge([0.7, 0.7], delta=0.25)["status"] == "within noise"   # C1 seed 0's case: mean inside 0.5 +- delta
+
+
+def test_d_rule_met_not_met_and_within_noise():
+    """Negative cosine and probe gain, delta 3 points: met needs 80% of epochs at <= 0.9 and a mean
+    gain >= 8; not met: mean neg. cos > 0.9 or mean gain <= 2."""
+    def judge(negs, gains, delta=3.0):
+        return plot_results.judge_d(list(enumerate(gains)), list(enumerate(negs)), delta)["status"]
+    held = [0.8] * 8 + [0.95] * 2   # 80% at <= 0.9, mean 0.83
+    assert judge(held, [9.0, 9.0, 7.5]) == "met"   # the last evaluation (7.5) under 8, the mean (8.5) over
+    assert judge([0.8] * 7 + [0.95] * 3, [12.0]) == "within noise"   # share 70%, mean 0.845 <= 0.9
+    assert judge([0.95] * 10, [12.0]) == "not met"                     # mean neg. cos > 0.9
+    assert judge(held, [1.5, 2.5]) == "not met"                        # mean gain 2.0 <= 5 - 3
+    assert judge(held, [6.0]) == "within noise"                        # 2 < gain < 8
+    j = plot_results.judge_d([(0, 4.0), (1, 6.0)], [(0, 0.5), (1, 1.0)], 1.0)
+    assert (j["mean"], j["min"], j["max"], j["share"], j["neg_cos_mean"]) == (5.0, 4.0, 6.0, 0.5, 0.75)
+
+
+def test_finding_verdict_wording():
+    v = plot_results.finding_verdict
+    assert v(["met", "met"]) == "reproduces, 2 of 2 seeds"
+    assert v(["met", "within noise"]) == "partly, 1 of 2, 1 within noise"
+    assert v(["not met", "within noise", "not met"]) == "does not reproduce, 0 of 3, 1 within noise"
+    assert v(["not met", "not met"], blog="not met") == "reproduces, 2 of 2 seeds"   # the blog's run stays collapsed
+    assert v(["met", "no healthy reference: not judged"]) == "reproduces, 1 of 1 seeds; 1 no healthy reference: not judged"
+    assert v(["no healthy reference: not judged"] * 2, never=2) == ("no healthy reference: not judged; "
+                                                                     "never collapsed in 2 of 2 seeds")
+
+
+NOISE_COLS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "lr", "tau", "cfg_hash",
+              "cfg_lr", "cfg_weight_decay", "cfg_proj_norm", "cfg_pred_norm"]
+
+
+def _noise_csv(path, runs, extra=None):
+    """runs: {(variant, seed): (cfg_hash, cfg_lr, [probe at epochs 0, 2, 4], lr at epoch 1)}; a row an
+    epoch 0-4, the lr falling slowly from there; *_healthy runs have BN in both MLPs, the others none;
+    extra: {column: value} in every row."""
+    extra = extra or {}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(NOISE_COLS + list(extra))
+        for (v, seed), (h, lr, probes, lr1) in runs.items():
+            norm = "bn" if v.endswith("_healthy") else "none"
+            for e in range(5):
+                probe = probes[e // 2] if e % 2 == 0 else ""
+                w.writerow(["x", v, seed, e, "" if e == 0 else 0.1, probe, 0.9, 0.9999 if e == 1 else 0.5,
+                            "" if e == 0 else lr1 - 1e-4 * e, "" if e == 0 else 0.996, h, lr, 4e-4, norm, norm,
+                            *extra.values()])
+
+
+def test_noise_finds_the_runs_of_the_same_seed_and_settings(tmp_path):
+    """A tiny case: a:c1 seed 0 and b:x seed 0 are the same settings (b lacks cfg_model_fn and
+    cfg_encoder_norm: the preset's values, which a's are) and the same logged schedule: their one pair.
+    Not pairs: another seed, another lr, another logged lr, a copy (the same cfg_hash), and a CSV
+    whose name gives no preset. The delta is the largest |difference| by hand."""
+    a, b, c, d = tmp_path / "a_steps.csv", tmp_path / "b_steps.csv", tmp_path / "c_steps.csv", tmp_path / "d.csv"
+    _noise_csv(a, {("c1", 0): ("h0", 0.2, [20.0, 25.0, 30.0], 0.2), ("c1_healthy", 0): ("hh", 0.2, [20.0, 40.0, 45.0], 0.2),
+                   ("c1", 1): ("h1", 0.2, [22.0, 26.0, 28.0], 0.2)},
+               extra={"cfg_model_fn": "TrackedBYOL", "cfg_encoder_norm": "bn"})
+    _noise_csv(b, {("x", 0): ("hx", 0.2, [20.0, 27.0, 29.0], 0.2),    # gain: |5 - 7| = 2 at epoch 2; fraction 0.1
+                   ("x", 1): ("hx1", 0.1, [22.0, 30.0, 31.0], 0.1),   # another lr
+                   ("y", 0): ("hy", 0.2, [20.0, 35.0, 35.0], 0.3)})   # the same settings, another logged lr
+    _noise_csv(c, {("c1", 0): ("h0", 0.2, [20.0, 25.0, 30.0], 0.2)})  # a copy of a's run
+    _noise_csv(d, {("z", 0): ("hz", 0.2, [20.0, 35.0, 35.0], 0.2)})   # no preset in the name
+    sources = {str(p): dict(label=p.name, runs=plot_results.read_runs([p])) for p in (a, b, c, d)}
+    pairs = plot_results.noise_pairs(sources)
+    got = {(r["quantity"], r["csv_a"], r["variant_a"], r["csv_b"], r["variant_b"], r["seed"]): (r["max_abs_diff"], r["at_epoch"])
+           for r in pairs}
+    assert got == {("probe_gain", "a_steps.csv", "c1", "b_steps.csv", "x", 0): (2.0, 2),
+                   ("recovered_fraction", "a_steps.csv", "c1", "b_steps.csv", "x", 0): (0.1, 2)}
+    assert [r["healthy"] for r in pairs if r["quantity"] == "recovered_fraction"] == ["a_steps.csv:c1_healthy"]
+    delta, rows = plot_results.noise_delta(pairs, sources)
+    assert delta == {"recovered_fraction": 0.1, "probe_gain": 2.0} and [r["kind"] for r in rows] == ["delta", "delta"]
+    # a quantity without a pair takes the other's delta over the mean healthy gain (45 - 20 = 25 points)
+    delta, rows = plot_results.noise_delta([r for r in pairs if r["quantity"] == "probe_gain"], sources)
+    assert delta["recovered_fraction"] == pytest.approx(2.0 / 25) and "scaled" in rows[0]["note"]
+    # --noise writes the pairs and the deltas
+    r = _plot_cli(["--noise", a, b, "--out", tmp_path / "o"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    kinds = [row["kind"] for row in csv.DictReader(open(tmp_path / "o" / "noise.csv"))]
+    assert kinds.count("delta") == 2 and "delta, probe_gain" in r.stdout
+
+
+def _source(label, spec):
+    return dict(label=label, runs=_runs(spec))
+
+
+def test_verdicts_seed_by_seed_with_their_reasons(monkeypatch):
+    """The rule end to end on hand-made runs: the window is the last 20% of each run; a seed that
+    never collapsed, a C-type run with no healthy reference and a seed without its own healthy run
+    are not judged (said so), not given a borrowed reference."""
+    monkeypatch.setattr(plot_results, "FINDINGS_JUDGED", [
+        plot_results.finding("C", "C", "r", "c1", ("r", "c1_healthy")),
+        plot_results.finding("C no ref", "C", "r", "c2"),
+        plot_results.finding("D", "D", "r", "d1")])
+    healthy = [(0, 20.0, None)] + [(e, 40.0, 0.3) for e in range(1, 11)]
+    src = _source("r.csv", {
         ("c1_healthy", 0): healthy,
-        ("c1", 0): [(0, 20.0, None), (2, None, 0.9995), (5, 25.0, 0.95), (8, 30.0, 0.9), (10, 32.0, 0.9)],   # 0.5 -> 0.6
-        ("c1", 1): [(0, 20.0, None), (2, None, 0.9995), (8, 34.0, 0.9), (10, 31.0, 0.9)],   # 0.7 -> 0.55: falls
-        ("c1", 2): [(0, 20.0, None), (2, None, 0.999), (8, 28.0, 0.9), (10, 29.0, 0.9)],   # 0.4 -> 0.45: < 0.5
-        ("c1_all_decay", 0): [(0, 20.0, None), (2, None, 0.998), (8, 35.0, 0.9), (10, 36.0, 0.9)],   # no collapse
-        ("d1", 0): [(0, 15.0, None), (2, None, 0.9999), (7, None, 0.95), (8, None, 0.85), (10, 20.5, 0.8)],
-        ("d1", 1): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.92), (10, 25.0, 0.8)],   # 0.92 in the last 20%
-        ("d1", 2): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.85), (10, 19.0, 0.8)],   # probe +4
+        ("c1", 0): [(0, 20.0, None), (2, None, 0.9995)] + [(e, 34.0, 0.95) for e in (8, 9)] + [(10, 29.0, 0.95)],   # 0.7, 0.7, 0.45
+        ("c1", 1): [(0, 20.0, None), (2, None, 0.999), (10, 40.0, 0.9)],                     # no c1_healthy seed 1
+        ("c1", 2): [(0, 20.0, None), (2, None, 0.99), (10, 40.0, 0.9)],                      # never collapsed
+        ("c2", 0): [(0, 20.0, None), (2, None, 0.9999), (10, 40.0, 0.9)],
+        ("d1", 0): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.85), (9, 25.0, 0.85), (10, 25.0, 0.95)],
     })
-    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line
-             for line in plot_results.recovery_verdicts(runs, 78).splitlines()[2:]}
-    verdict = {k: line.rstrip(" |").rsplit("|", 1)[1].strip() for k, line in lines.items()}
-    assert verdict == {("c1", "0"): "yes", ("c1", "1"): "no", ("c1", "2"): "no", ("c1_all_decay", "0"): "no (never collapsed)",
-                       ("d1", "0"): "yes", ("d1", "1"): "no", ("d1", "2"): "no"}
-    assert "0.50 -> 0.60" in lines[("c1", "0")] and "0.70 -> 0.55" in lines[("c1", "1")]
-    assert "780 (1%)" in lines[("c1", "0")] and "+5.5" in lines[("d1", "0")]
+    rows = {(r["variant"], r["seed"]): r for r in plot_results.verdicts({"r": src}, {"recovered_fraction": 0.1,
+                                                                                     "probe_gain": 2.0})}
+    c = rows[("c1", 0)]
+    # window: epochs > 8 (9 and 10): 0.7 and 0.45, mean 0.575 < 0.6: within noise; at delta 0.05, 50% share: still
+    assert (c["status"], c["window_epochs"], c["n_evaluations"], c["evaluations"]) == ("within noise", "9-10", 2, "9:0.7 10:0.45")
+    assert rows[("c1", 1)]["status"] == "no healthy reference: not judged"
+    assert rows[("c1", 2)]["status"] == "no healthy reference: not judged"   # (and never collapsed: its column)
+    assert rows[("c1", 2)]["collapsed_at"] == "never"
+    assert rows[("c2", 0)]["status"] == "no healthy reference: not judged"
+    d = rows[("d1", 0)]   # neg. cos 0.85, 0.95 in the window (50%), gain 10: within noise
+    assert (d["status"], d["share_passing"], d["window_mean"]) == ("within noise", 0.5, 10.0)
+    assert c["finding_verdict"] == "does not reproduce, 0 of 1, 1 within noise; 2 no healthy reference: not judged; " \
+                                   "never collapsed in 1 of 3 seeds"
+    report = plot_results.verdict_report(list(rows.values()), [])
+    assert "| C | c1 | 0 | 2 | 9-10 | 2 | fraction 0.575 (0.450-0.700) | 50% |" in report
+
+
+def test_the_committed_verdicts_recompute(tmp_path):
+    """verdicts.csv and noise.csv in results/steps/recovery are what --recovery gives today from the
+    committed CSVs (rerun: python plot_results.py --recovery results/steps/recovery/recovery_steps.csv
+    --out DIR, and copy the two files)."""
+    rows, pairs, delta = plot_results.judge_all([ROOT / plot_results.RECOVERY_CSV], tmp_path)
+    committed = ROOT / "results" / "steps" / "recovery"
+    for name in ("noise.csv", "verdicts.csv"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+    assert {(r["variant_a"], r["variant_b"]) for r in pairs} >= {("c1", "bn_sgd_no_mlp_bn_conv_wd"),
+                                                                 ("d1", "wd_lr0.05_conv_x10"), ("d2", "ws_sgd_lr0.2_conv")}
 
 
 def test_mechanism_figure_and_where_a_collapse_ends(tmp_path):
@@ -236,3 +365,44 @@ def test_mechanism_rows_one_question_each_with_its_reference():
                                                             ["c1", "c1_healthy", "c1_new"]]
     d1 = {(v, 0): {} for v in ("d1", "d1_healthy", "d1_all_decay")}
     assert plot_results.mechanism_rows(d1, "d1") == [("", d1)]
+
+
+# ------------------------------------------------ exp_escape_law.py's analysis (--escape-law)
+
+def _loss_rows(losses, neg=0.9999):
+    return [dict(epoch=str(e), loss=str(x), neg_cos=str(neg)) for e, x in enumerate(losses, start=1)]
+
+
+def test_escape_reads_turn_and_rise_from_the_loss():
+    escape = plot_results.escape
+    # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
+    assert escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
+    assert escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
+    # never collapsed (negative cosine below 0.999): no escape, whatever the loss does
+    assert escape(_loss_rows([1e-2, 1e-4, 1e-3], neg=0.5)) == (None, None)
+    # counting starts at the first collapsed epoch: the fall before it is not a lowest value
+    rows = _loss_rows([1e-6, 1e-2, 1e-3, 5e-3])
+    rows[0]["neg_cos"] = "0.5"
+    assert escape(rows) == (3, 4)
+
+
+def test_escape_fit_recovers_a_known_power_law_and_leaves_the_controls_out():
+    rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
+    slope, se, n = plot_results.escape_fit(rows, "rise")
+    assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
+    assert plot_results.escape_fit(rows, "turn") == (None, None, 0)
+    ctl = dict(variant="ctl_m0.8", lr_wd=1e-4, rise_step=10 ** 6, turn_step=None)
+    assert plot_results.escape_fit(rows + [ctl], "rise")[:2] == (slope, se)
+
+
+def test_escape_law_reproduces_the_committed_table_and_refuses_a_foreign_csv(tmp_path):
+    """--escape-law on the committed grid gives the committed <stem>_escape.csv byte for byte (the
+    analysis exp_escape_law.py --analyze made); a CSV of another script is one line and exit 2."""
+    law = ROOT / "results" / "steps" / "law"
+    rows, slopes = plot_results.escape_law(law / "escape_law_steps.csv", tmp_path)
+    assert (tmp_path / "escape_law_steps_escape.csv").read_bytes() == (law / "escape_law_steps_escape.csv").read_bytes()
+    assert [round(slopes[k][0], 2) for k in ("turn", "rise")] == [-1.07, -0.97]
+    assert (tmp_path / "escape_law_steps_escape.png").stat().st_size > 10000
+    for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
+        r = _plot_cli(["--escape-law", target, "--out", tmp_path / "o"], tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr

@@ -34,15 +34,14 @@ def main(preset="cifar10"):
                            "batch_size": 32, "width": 8})
     device = torch.device("cpu")
     x = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8)
-    mean, std = common.mean_std("synthetic", device)
+    setup = common.build(cfg, device)
+    model = setup.model.to(memory_format=torch.contiguous_format)   # counted as committed: no channels_last
+    opt, mean, std, views = setup.opt, setup.mean, setup.std, setup.views
     gen = torch.Generator().manual_seed(0)
-    model = common.BYOL(cfg)
-    opt = common.LARS(common.param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    views = common.view_settings(cfg)
-    common.train_step(model, model, opt, *common.two_views(x, gen, mean, std, views=views), 0.99, False)  # warm
+    common.train_step(setup, *common.two_views(x, gen, mean, std, views=views), 0.99, 0)  # warm
     parts = {}
     with Count() as c:
-        [common.augment(x, gen, mean, std, **s) for s in views]
+        [common.augment(x, gen, mean, std, **view) for view in views]
     before = sum(c.n.values())
     with Count() as c:
         v = common.two_views(x, gen, mean, std, views=views)
@@ -56,15 +55,14 @@ def main(preset="cifar10"):
         opt.step()
     parts["optimizer step"] = sum(c.n.values())
     with Count() as c:
-        common.ema_update_(model.target_encoder, model.online_encoder, 0.99)
-        common.ema_update_(model.target_projector, model.online_projector, 0.99)
+        model.update_target(0.99, 0)
     parts["EMA"] = sum(c.n.values())
     for k, n in parts.items():
         print(f"{k:36s}{n:6d}")
     print(f"{'total':36s}{sum(parts.values()):6d}")
     print(f"{'augment as two augment() calls':36s}{before:6d}")
     with Count() as c:   # the parameter draws stay eager under --compile (they take a generator)
-        params = [common.sample_aug_params(len(x), x.shape[-1], gen, device, **s) for s in views]
+        params = [common.sample_aug_params(len(x), x.shape[-1], gen, device, **view) for view in views]
     draws = sum(c.n.values())
     both = {k: torch.cat([p[k] for p in params]) for k in params[0]}
     compiled = torch.compile(common.apply_aug, dynamic=False, fullgraph=True)
