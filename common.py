@@ -98,10 +98,11 @@ AUG_FIELDS = ("aug_crop_scale", "aug_blur", "aug_solarize")
 
 # ============================================================================= views
 
-# per-channel mean/std used to normalize inputs: CIFAR-10's own; the blog used ImageNet's on STL-10
-MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-            "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
+MEAN_STD = {   # per-channel input normalization: CIFAR-10's own; the blog used ImageNet's on STL-10
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
 
 
 def mean_std(dataset, device):
@@ -571,8 +572,7 @@ def lars_lrs(opt):
 
 @dataclass
 class Setup:
-    """What a step needs, made by build(): the model, its optimizer, the callables a step runs
-    (compiled or DDP-wrapped where cfg asks) and the views' settings."""
+    """What a step needs, made by build()."""
     model: nn.Module
     opt: torch.optim.Optimizer
     step_fn: object      # model, or its DDP-wrapped / compiled version: forward(v1, v2)
@@ -585,9 +585,8 @@ class Setup:
 
 
 def build(cfg, device, model_fn=None, groups_fn=None, world=ONE_PROCESS, image_size=32):
-    """The model (model_fn(cfg, image_size), default BYOL) and optimizer of cfg on device, seeded
-    first: the same initial weights wherever it is built (train_byol, bench.py, gpu_report.py).
-    groups_fn(model, cfg) -> parameter groups (default param_groups)."""
+    """The model (model_fn(cfg, image_size), default BYOL) and optimizer (groups_fn(model, cfg), default
+    param_groups) on device, seeded first: the same initial weights wherever it is built."""
     set_seed(cfg.seed)
     fmt = conv_format(device, cfg.width)
     model = (model_fn or BYOL)(cfg, image_size).to(device, memory_format=fmt)
@@ -604,9 +603,8 @@ def build(cfg, device, model_fn=None, groups_fn=None, world=ONE_PROCESS, image_s
 
 
 def train_step(s, v1, v2, tau, step, world=ONE_PROCESS):
-    """One BYOL step on views v1, v2 of a Setup s: forward both views, backward, optimizer step,
-    then the target update (EMA with rate tau by default), the contrastive queue (every rank's
-    keys), and the model's after_step hook."""
+    """One BYOL step on views v1, v2: forward, backward, optimizer step, then the target update (EMA
+    with rate tau by default), the contrastive queue (every rank's keys) and the after_step hook."""
     with torch.autocast(v1.device.type, dtype=torch.bfloat16, enabled=s.amp):
         out = s.step_fn(v1, v2)
     s.opt.zero_grad(set_to_none=True)
@@ -686,8 +684,7 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, gr
 
 
 def resume(checkpoint, cfg, s, gen, on_epoch):
-    """(rows, step) of a checkpoint of this config, its state loaded into s and gen, its rows
-    passed to on_epoch again; ([], 0) without one. A resumed run gives an uninterrupted one's numbers."""
+    """(rows, step) of this config's checkpoint, its state loaded into s and gen; ([], 0) without one."""
     saved = checkpoint.load(cfg) if checkpoint else None
     if not saved:
         return [], 0
