@@ -26,7 +26,7 @@ class UsageError(Exception):
 
 # ============================================================================ validation
 
-# the values each str field allows (the MLP norms' names join below, with MLP_NORMS)
+# the values each str field allows (choices() adds the MLP norms' names, common.MLP_NORMS)
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
                encoder_norm=("bn", "gn", "gn_ws", "none"), objective=("byol", "contrastive"),
                loss_form=("cos", "sqdist"), decay_params=("all", "weights", "conv"),
