@@ -605,6 +605,7 @@ def finding(name, kind, source, variant, healthy=None, blog="met", collapse=True
 
 C1_130 = "results/steps/c1/lars_steps.csv"
 C2_GN32, C2_GN4 = "results/steps/c2/encoder_gn_steps.csv", "results/steps/c2_shallow/encoder_gn_steps.csv"
+C2_41K = "results/steps/c2_41k/encoder_gn_steps.csv"
 D1_BLOG, D1_130 = "results/steps/d1/weight_decay_steps.csv", "results/steps/d1_shallow/weight_decay_steps.csv"
 D2_130 = "results/steps/d2_shallow/encoder_gn_steps.csv"
 D3_60, D3_130 = "results/steps/d3_shallow/lars_steps.csv", "results/steps/d3_shallow/long/lars_steps.csv"
@@ -622,6 +623,13 @@ FINDINGS_JUDGED = [
             blog="not met"),
     finding("C2: GN 4 groups, LARS lr 0.05 (blog's 0.2), 60 epochs", "C", C2_GN4, "lars_lr0.05"),
     finding("C2: GN 4 groups, LARS lr 0.025 (blog's 0.1), 60 epochs", "C", C2_GN4, "lars_lr0.025", blog="not met"),
+    finding("C2: GN 4 groups, LARS lr 0.05 (blog's 0.2: recovers), 41k steps", "C", C2_41K, "lars_lr0.05",
+            (C2_41K, "lars_lr0.05_healthy")),
+    # lr 0.2 and 0.05 never collapsed in 60 epochs (2 seeds each): whether it learns, collapse or not
+    finding("C2: GN 4 groups, LARS lr 0.05 (blog's 0.2: learns), 41k steps", "C", C2_41K, "lars_lr0.05",
+            (C2_41K, "lars_lr0.05_healthy"), collapse=False),
+    finding("C2: GN 4 groups, LARS lr 0.025 (blog's 0.1: stays collapsed), 41k steps", "C", C2_41K, "lars_lr0.025",
+            (C2_41K, "lars_lr0.025_healthy"), blog="not met"),
     finding("D1, 41k steps (conv decay, 160x the blog's wd)", "D", RECOVERY, "d1"),
     finding("D1, 130 epochs (conv decay, 160x the blog's wd)", "D", D1_130, "wd_lr0.05_conv_x10"),
     finding("D1, the blog's wd 1e-5, 640 epochs", "D", D1_BLOG, "wd_1e-05"),
