@@ -12,7 +12,7 @@ Finding (blog appendix, Figure 'accuracy_resnet_group_norm'; ResNet-18 with Grou
                                                              keeps re-collapsing; final 51%
 
 For the steps preset, GroupNorm with 4 groups at the blog's lr per image (a quarter of its lr):
-  lars_lr0.05 / lars_lr0.025   C2: the blog's LARS lr 0.2 / 0.1 at a quarter (run for 60 epochs)
+  lars_lr0.05 / lars_lr0.025   C2: the blog's LARS lr 0.2 / 0.1 at a quarter (60 epochs; and 526 = 41,028 steps)
   lars_lr0.05_healthy, ...     their healthy references for C2's recovered fraction (BN in both MLPs)
   ws_sgd_lr0.2_conv            D2: SGD lr 0.2, wd 4e-4 on the WS convs only
   ws_sgd_lr0.2                 the same with decay on every parameter
