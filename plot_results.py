@@ -630,6 +630,9 @@ FINDINGS_JUDGED = [
             (C2_41K, "lars_lr0.05_healthy"), collapse=False),
     finding("C2: GN 4 groups, LARS lr 0.025 (blog's 0.1: stays collapsed), 41k steps", "C", C2_41K, "lars_lr0.025",
             (C2_41K, "lars_lr0.025_healthy"), blog="not met"),
+    # its seed 1 never collapsed: whether lr 0.025 learns at all (the blog's lr 0.1 stays at chance)
+    finding("C2: GN 4 groups, LARS lr 0.025 (blog's 0.1: does not learn), 41k steps", "C", C2_41K, "lars_lr0.025",
+            (C2_41K, "lars_lr0.025_healthy"), blog="not met", collapse=False),
     finding("D1, 41k steps (conv decay, 160x the blog's wd)", "D", RECOVERY, "d1"),
     finding("D1, 130 epochs (conv decay, 160x the blog's wd)", "D", D1_130, "wd_lr0.05_conv_x10"),
     finding("D1, the blog's wd 1e-5, 640 epochs", "D", D1_BLOG, "wd_1e-05"),
