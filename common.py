@@ -63,7 +63,8 @@ class Config:
     queue_init: str = "random"       # contrastive only: random unit vectors (the blog's) or data
     # optimization
     optimizer: str = "sgd"           # sgd: the blog's torch.optim.SGD; lars: see LARS
-    lars_params: str = "all"         # weights LARS adapts; layer12: encoder layer1+2; mlp: g and q
+    lars_params: str = "all"         # weights LARS adapts; layer12: encoder layer1+2; mlp: g and q;
+                                     # every: every parameter, 1-D too, adapted and decayed (the blog's default list)
     lr: float = 0.8                  # absolute (not scaled by batch size), as in the blog
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -497,8 +498,10 @@ class LARS(torch.optim.Optimizer):
                     denom = torch.stack(torch._foreach_norm(u))
                 else:
                     denom = torch.stack(torch._foreach_norm(grads)) + g["weight_decay"] * w_norm
-                trust = torch.where((w_norm > 0) & (denom > 0), g["eta"] * w_norm / denom,
-                                    torch.ones_like(w_norm)).unbind()
+                # where |w| = 0 (a zero-initialised bias, lars_params="every") the blog's formula
+                # gives trust 0, so such a parameter never moves; DeepMind's keeps the update
+                fallback = torch.zeros_like(w_norm) if self.form == "blog" else torch.ones_like(w_norm)
+                trust = torch.where((w_norm > 0) & (denom > 0), g["eta"] * w_norm / denom, fallback).unbind()
                 torch._foreach_mul_(u, trust)
                 for p, t in zip(ps, trust):
                     self.state[p]["trust"] = t
@@ -517,7 +520,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def lars_applies(name, which):
-    if which == "all":
+    if which in ("all", "every"):
         return True
     if which == "layer12":
         return name.startswith(("online_encoder.layer1.", "online_encoder.layer2."))
@@ -530,18 +533,20 @@ def decays(p, cfg):
     conv weights, which changes no output, only their effective lr."""
     if cfg.decay_params == "conv":
         return p.ndim == 4
-    return p.ndim > 1 or (cfg.decay_params == "all" and cfg.optimizer != "lars")
+    spares_1d = cfg.optimizer == "lars" and cfg.lars_params != "every"
+    return p.ndim > 1 or (cfg.decay_params == "all" and not spares_1d)
 
 
 def param_groups(model, cfg, lr_mult=None):
     """SGD (blog): decay on every parameter. LARS (BYOL paper): the 1-D parameters get neither
-    adaptation nor decay; lars_params picks the adapted weights. lr_mult: {name prefix: factor}
+    adaptation nor decay (lars_params every: both, as the blog's code by default); lars_params picks the adapted weights. lr_mult: {name prefix: factor}
     (e.g. {"predictor.": 10}); such a group's lr is factor x the schedule's, logged as lr:<prefix>."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lars = cfg.optimizer == "lars" and p.ndim > 1 and lars_applies(name, cfg.lars_params)
+        lars = (cfg.optimizer == "lars" and (p.ndim > 1 or cfg.lars_params == "every")
+                and lars_applies(name, cfg.lars_params))
         wd = cfg.weight_decay if decays(p, cfg) else 0.0
         prefix = next((k for k in (lr_mult or {}) if name.startswith(k)), None)
         g = groups.setdefault((lars, wd, prefix), dict(params=[], names=[], lars=lars, weight_decay=wd))

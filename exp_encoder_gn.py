@@ -64,8 +64,16 @@ VARIANTS.update({"lars_lr0.025": dict(GN4, **presets.LARS_BYOL, lr=0.025),
                  # D1 runs that left collapse (exp_lars.py bn_sgd_no_mlp_bn_conv_wd, lr x wd = 8e-5)
                  "ws_sgd_lr0.2_conv": dict(GN4, encoder_norm="gn_ws", lr=0.2, weight_decay=4e-4,
                                            decay_params="conv")})
-for lr in ("0.025", "0.05"):   # C2's healthy references: the only change, BN in both MLPs
-    VARIANTS[f"lars_lr{lr}_healthy"] = dict(VARIANTS[f"lars_lr{lr}"], proj_norm="bn", pred_norm="bn")
+# The blog's code can build only one GroupNorm ResNet, ws_resnet18: GN and weight standardization
+# (docs/SPEC.md, C2), at the blog's lr and at a quarter of it; and plain GN with the blog's default
+# LARS list (every parameter adapted and decayed: its exclude list is empty)
+for lr in ("0.025", "0.05", "0.1", "0.2"):
+    VARIANTS[f"ws_lars_lr{lr}"] = dict(GN4, encoder_norm="gn_ws", **presets.LARS_BYOL, lr=float(lr))
+for lr in ("0.1", "0.2"):
+    VARIANTS[f"every_lars_lr{lr}"] = dict(GN4, **presets.LARS_BYOL, lr=float(lr), lars_params="every")
+for name in ["lars_lr0.025", "lars_lr0.05"] + [n for n in VARIANTS if n.startswith(("ws_lars", "every_lars"))]:
+    # C2's healthy references: the only change, BN in both MLPs
+    VARIANTS[f"{name}_healthy"] = dict(VARIANTS[name], proj_norm="bn", pred_norm="bn")
 
 BLOG = {"sgd_no_mlp_bn": "33.7 -> 17.7 (ep 10 -> 319)", "lars_lr0.1": "9.6 -> 9.5",
         "lars_lr0.2": "41.6 -> 70.6", "sgd_mlp_bn": "53.7 -> 75.1", "ws_sgd_no_mlp_bn": "final 51"}

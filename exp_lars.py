@@ -70,7 +70,11 @@ VARIANTS = {
 GN4_LARS = dict(GN_LARS, gn_groups=4, lr=0.05)
 VARIANTS.update({"gn4_lars_layer12": dict(GN4_LARS, lars_params="layer12"),
                  "gn4_lars_mlp": dict(GN4_LARS, lars_params="mlp"),
-                 "gn4_lars_lr0.125": dict(GN4_LARS, lr=0.125)})
+                 "gn4_lars_lr0.125": dict(GN4_LARS, lr=0.125),
+                 # layers 1-2 at the blog's own lr (LARS bounds each step by lr x eta x |w|: a
+                 # quarter of the lr is a quarter of the kick), with plain GN and with the blog's GN + WS
+                 "gn4_lars_layer12_lr0.2": dict(GN4_LARS, lars_params="layer12", lr=0.2),
+                 "gn4ws_lars_layer12_lr0.2": dict(GN4_LARS, lars_params="layer12", lr=0.2, encoder_norm="gn_ws")})
 
 
 BLOG = {"bn_sgd_no_mlp_bn": "30.1 (ep 10) -> 72.1 (ep 319)", "bn_lars_no_mlp_bn": "47.6 -> 76.7",

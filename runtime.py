@@ -30,7 +30,7 @@ class UsageError(Exception):
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
                encoder_norm=("bn", "gn", "gn_ws", "none"), objective=("byol", "contrastive"),
                loss_form=("cos", "sqdist"), decay_params=("all", "weights", "conv"),
-               optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp"),
+               optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp", "every"),
                tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
                lars_form=("blog", "byol"),
                probe_bn=("running", "recompute"), queue_init=("random", "data"),

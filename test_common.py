@@ -703,6 +703,21 @@ def test_param_groups_exclusions_and_per_module_lars():
     assert l12 == {n for n in matrices if ".layer1." in n or ".layer2." in n}
     mlp = adapted(dataclasses.replace(lars, lars_params="mlp"))
     assert mlp == {n for n in matrices if n.startswith(("online_projector", "predictor"))} and len(mlp) == 4
+    every = dataclasses.replace(lars, lars_params="every")   # the blog's code: an empty exclude list
+    assert adapted(every) == trainable and decayed(every) == trainable
+
+
+def test_blog_lars_never_moves_a_zero_parameter_it_adapts():
+    """The blog's trust eta |w| / (|g| + wd |w|) is 0 at |w| = 0: a zero-initialised bias adapted
+    by LARS (lars_params every) stays 0, where DeepMind's form moves it as SGD would."""
+    for form, moves in (("blog", False), ("byol", True)):
+        w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(4))
+        opt = common.LARS([dict(params=[w, b], lars=True, weight_decay=1e-4)], lr=0.5, eta=1e-3, form=form)
+        (w @ torch.randn(3) + b).pow(2).sum().backward()
+        w0 = w.detach().clone()
+        opt.step()
+        assert b.abs().sum().item() > 0 if moves else torch.equal(b, torch.zeros(4))
+        assert not torch.equal(w, w0)
 
 
 # ---------------------------------------------------------------------- augmentations
