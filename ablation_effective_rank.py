@@ -10,9 +10,9 @@ with BN?
     byol        BN
     no_norm     none
 
-Shows a metrics_fn hook: called once an epoch on the epoch's last batch (no extra forward), its
-keys become CSV columns (named in extra_columns), appear on the console and in the summary, and
-survive a resume. Settings: Table 1's presets. Expect (not measured here): rank well above 1 for
+Shows the evaluate stage extended: called after every epoch with its last step's views and
+outputs (no extra forward), the default's probe columns and its own, which become CSV columns
+(named in extra_columns), appear on the console and in the summary, and survive a resume. Settings: Table 1's presets. Expect (not measured here): rank well above 1 for
 byol, near 1 for no_norm.
 Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
@@ -25,12 +25,12 @@ import presets
 PRESETS = presets.TABLE1_PRESETS
 
 
-def z_rank(model, views, out):
-    """Effective rank of the online projections z of the epoch's last batch (view v)."""
-    return {"z_rank": common.effective_rank(out["z"].float())}
+class ZRankBYOL(common.BYOL):
+    def evaluate(self, data, epoch, views=None, out=None):   # + z's effective rank, last batch (none at epoch 0)
+        return dict(super().evaluate(data, epoch, views, out), z_rank=out and common.effective_rank(out["z"].float()))
 
 
-VARIANTS = {"byol": dict(metrics_fn=z_rank), "no_norm": dict(proj_norm="none", pred_norm="none", metrics_fn=z_rank)}
+VARIANTS = {"byol": dict(model_fn=ZRankBYOL), "no_norm": dict(proj_norm="none", pred_norm="none", model_fn=ZRankBYOL)}
 
 if __name__ == "__main__":
     harness.main("effective_rank", __doc__, PRESETS, VARIANTS, extra_columns=["z_rank"])

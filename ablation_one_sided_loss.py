@@ -11,8 +11,8 @@ still learn, and does it still collapse without them?
     no_norm_one_sided  none       one order
 
 How: a BYOL subclass overrides BYOL.loss, which forward calls with the l2-normalized predictions
-p1, p2 and target projections t1, t2 (fp32; and the raw projections z1, z2). Its one term is doubled, so the gradient has the
-symmetric loss's scale at the preset's lr. Settings: Table 1's presets. Expect: unknown.
+ps of each view and target projections ts of v, v' (fp32; and the raw projections zs). Its one
+term is doubled, so the gradient has the symmetric loss's scale at the preset's lr. Settings: Table 1's presets. Expect: unknown.
 Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
     python ablation_one_sided_loss.py --epochs 10
@@ -26,8 +26,8 @@ LOSS_SCALE = 2.0   # one term for the symmetric loss's two
 
 
 class OneSidedBYOL(common.BYOL):
-    def loss(self, p1, p2, t1, t2, z1, z2):
-        return LOSS_SCALE * (1 - (p1 * t2).sum(1)).mean()   # p2 and t1 go unused
+    def loss(self, ps, ts, zs):
+        return LOSS_SCALE * (1 - (ps[0] * ts[1]).sum(1)).mean()   # q(z) of v' and z' of v go unused
 
 
 NO_NORM = dict(proj_norm="none", pred_norm="none")

@@ -12,9 +12,9 @@ no_norm row), and does it change BYOL with BN?
     no_norm             none       1x (Table 1's no_norm: collapses)
     no_norm_pred_lr10   none       10x
 
-How: a variant's groups_fn gives the optimizer its parameter groups; common.param_groups with
-lr_mult={"predictor.": 10} puts the predictor in its own group whose lr the loop sets to 10x the
-schedule's lr every step (logged as lr:predictor). Nothing in common.py changes.
+How: a BYOL subclass sets LR_MULT = {"predictor.": 10}: param_groups() puts the predictor in a
+group of its own whose lr set_lr() sets to 10x the schedule's every step (logged as
+lr:predictor). Nothing in common.py changes.
 Settings: Table 1's presets (presets.TABLE1_PRESETS). Expect: unknown; that is the question.
 Results: not run at scale (results/README.md#ablations-not-run-at-scale).
 
@@ -27,17 +27,16 @@ import presets
 PRESETS = presets.TABLE1_PRESETS
 
 
-def predictor_lr10(model, cfg):
-    """The usual parameter groups, with the predictor's lr at 10x the schedule's."""
-    return common.param_groups(model, cfg, lr_mult={"predictor.": 10.0})
+class PredictorLr10(common.BYOL):
+    LR_MULT = {"predictor.": 10.0}   # the predictor's lr at 10x the schedule's, logged as lr:predictor
 
 
 NO_NORM = dict(proj_norm="none", pred_norm="none")
 VARIANTS = {
     "bn": dict(),
-    "bn_pred_lr10": dict(groups_fn=predictor_lr10),
+    "bn_pred_lr10": dict(model_fn=PredictorLr10),
     "no_norm": dict(NO_NORM),
-    "no_norm_pred_lr10": dict(NO_NORM, groups_fn=predictor_lr10),
+    "no_norm_pred_lr10": dict(NO_NORM, model_fn=PredictorLr10),
 }
 
 if __name__ == "__main__":

@@ -1,10 +1,52 @@
 """The blog's augmentations (Appendix B = MoCo v2's) as batched ops on the training device, with
 independent random parameters for every image and every view. Each op equals torchvision's
-per-image functional op for the same parameters (test_common.py); common.two_views calls them."""
+per-image functional op for the same parameters (test_common.py). augment() and two_views() draw
+and apply them to a batch; common.BYOL.views calls them."""
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+
+MEAN_STD = {   # per-channel input normalization: CIFAR-10's own; the blog used ImageNet's on STL-10
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def mean_std(dataset, device):
+    """Per-channel mean and std as (1, 3, 1, 1) device tensors."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset])
+
+
+def augment(x_u8, gen, mean, std, part=slice(None), size=None, fmt=torch.contiguous_format, **settings):
+    """One random view of every image of a uint8 batch (of its part: a rank's share; the
+    parameters are drawn for the whole batch, so a view does not depend on the split), size x size
+    px (default: the images' size), in memory format fmt. settings: sample_aug_params' (scale, ...)."""
+    params = sample_aug_params(len(x_u8), x_u8.shape[-1], gen, x_u8.device, **settings)
+    return apply_aug(x_u8[part], {k: v[part] for k, v in params.items()}, mean, std, size).contiguous(memory_format=fmt)
+
+
+def two_views(x_u8, gen, mean, std, part=slice(None), fmt=torch.contiguous_format, views=({}, {}),
+              apply=None):
+    """Two independent random views v, v' of a uint8 batch (of its part), in memory format fmt.
+    The parameters are drawn view by view, as two augment() calls would, then applied to both views
+    in one pass over a double batch: the same numbers in half the kernel launches. apply: apply_aug
+    or its compiled version (compiled_apply_aug)."""
+    n = len(x_u8)
+    params = [sample_aug_params(n, x_u8.shape[-1], gen, x_u8.device, **v) for v in views]
+    both = {k: torch.cat([p[k][part] for p in params]) for k in params[0]}
+    x = x_u8[part]
+    out = (apply or apply_aug)(torch.cat([x, x]), both, mean, std).contiguous(memory_format=fmt)
+    return out.chunk(2)
+
+
+@functools.cache
+def compiled_apply_aug():
+    """apply_aug through torch.compile, made once: ~370 small ops a step eager, 28 kernels compiled
+    (results/op_count.txt)."""
+    return torch.compile(apply_aug, dynamic=False)
 
 
 
@@ -133,9 +175,9 @@ def solarize(img):
     return torch.where(img < 0.5, img, 1.0 - img)
 
 
-def apply_aug(x_u8, params, mean, std):
-    """uint8 (n, 3, H, W) + params -> normalized float views (n, 3, H, W)."""
-    size = x_u8.shape[-1]
+def apply_aug(x_u8, params, mean, std, size=None):
+    """uint8 (n, 3, H, W) + params -> normalized float views (n, 3, size, size), size default H."""
+    size = size or x_u8.shape[-1]
     img = resized_crop_flip(x_u8.float() / 255, params["box"], params["flip"], size)
     img = color_jitter(img, params["factors"], params["order"], params["jitter"])
     img = torch.where(params["gray"][:, None, None, None], grayscale(img).expand_as(img), img)
@@ -145,5 +187,5 @@ def apply_aug(x_u8, params, mean, std):
 
 
 def normalize(img, mean, std):
-    """mean, std: (1, 3, 1, 1) tensors on img's device (common.mean_std)."""
+    """mean, std: (1, 3, 1, 1) tensors on img's device (mean_std)."""
     return (img - mean) / std

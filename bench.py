@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import augment
 import common
 import harness
 import presets
@@ -55,20 +56,21 @@ def measure(cfg, device, fmt, steps):
     gen = torch.Generator(device).manual_seed(0)
     s = common.build(cfg, device, image_size=size)
     s.model.to(memory_format=fmt)   # the format under test, not conv_format's choice
-    s.fmt = fmt
+    apply = augment.compiled_apply_aug() if cfg.compile else augment.apply_aug
 
-    def views(x):
-        return common.two_views(x, gen, s.mean, s.std, fmt=fmt, views=s.views, apply=s.aug_fn)
+    def views(x):   # BYOL.views, in the format under test
+        return list(augment.two_views(x, gen, s.model.mean, s.model.std, fmt=fmt, views=common.view_settings(cfg),
+                                      apply=apply))
     fixed = views(x_all[:B])
 
     def bound():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
-            out = s.step_fn(*fixed)
+            out = s.step_fn(fixed)
         out["loss"].backward()
 
     def step():   # the loop body of common.train_byol
         x = x_all[torch.randint(0, n, (B,), generator=gen, device=device)]
-        common.train_step(s, *views(x), cfg.base_tau, 0)
+        common.train_step(s, views(x), cfg.base_tau, 0)
 
     # bound timed before and after the step, best of the two: a conservative ratio
     t_bound = timed(bound, steps, device)

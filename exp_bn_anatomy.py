@@ -34,15 +34,58 @@ batch, and each view is its own BN batch (as everywhere here); the parts have no
 except full BN, so that bn_no_affine, center_only and scale_only differ by one step each;
 in the MLPs, GN has 32 groups (16 features each) and WS standardizes the Linear before it.
 """
+import functools
+
+import torch
+import torch.nn as nn
+
+import common
 import harness
 import presets
+from runtime import UsageError
+
+
+class BatchNormParts(nn.Module):
+    """BatchNorm of (n, d) features taken apart: statistics over groups of `group` samples (ghost
+    BN; 0 = the whole batch), and each part optional: center, scale (by the group std) and affine.
+    Always batch statistics, as the MLPs only run in training; with every part on and group 0 it
+    is nn.BatchNorm1d in training."""
+
+    def __init__(self, dim, group=0, center=True, scale=True, affine=True, eps=1e-5):
+        super().__init__()
+        self.group, self.center, self.scale, self.eps = group, center, scale, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x):
+        n, d = x.shape
+        k = self.group or n
+        if n % k:   # a bad --batch-size for a ghost variant: one line, exit 2 (harness.main)
+            raise UsageError(f"BatchNormParts: batch of {n} is not a multiple of group {k}")
+        g = x.float().view(n // k, k, d)   # fp32 statistics under autocast, as nn.BatchNorm
+        var = g.var(1, unbiased=False, keepdim=True)
+        if self.center:
+            g = g - g.mean(1, keepdim=True)
+        if self.scale:
+            g = g * torch.rsqrt(var + self.eps)
+        out = g.view(n, d)
+        if self.weight is not None:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+GROUP_SIZES = (2, 4, 8, 32)
+# the MLP norms this script adds, by name (common.MLP_NORMS: validated, hashed by their code)
+NORMS = {**{f"bn_ghost{k}": functools.partial(BatchNormParts, group=k) for k in GROUP_SIZES},
+         "bn_noaffine": functools.partial(BatchNormParts, affine=False),
+         "bn_center": functools.partial(BatchNormParts, scale=False, affine=False),
+         "bn_scale": functools.partial(BatchNormParts, center=False, affine=False)}
+common.MLP_NORMS.update(NORMS)
 
 PRESETS = {
     **presets.TABLE1_PRESETS,
     "cpu": dict(presets.TABLE1_PRESETS["cpu"], train_subset=5000, epochs=6, eval_every=3),
 }
-
-GROUP_SIZES = (2, 4, 8, 32)
 
 
 def mlp(norm, **extra):
@@ -51,7 +94,7 @@ def mlp(norm, **extra):
 
 VARIANTS = {
     "no_norm": mlp("none"),
-    **{f"ghost_k{k}": mlp("bn", mlp_bn_group=k) for k in GROUP_SIZES},
+    **{f"ghost_k{k}": mlp(f"bn_ghost{k}") for k in GROUP_SIZES},
     "bn": mlp("bn"),
     "bn_no_affine": mlp("bn_noaffine"),
     "center_only": mlp("bn_center"),

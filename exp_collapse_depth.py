@@ -12,7 +12,7 @@ for two collapsing networks, and runs ~936 steps (12 epochs of 78 steps), probin
     base         none
     wd_weights   (c1) no decay on biases and norm gains (decay_params=weights)
     wd_conv      (c1) decay on the encoder's conv weights only (decay_params=conv)
-    sqdist       loss computed as 1/2 |q - z'|^2 (loss_form=sqdist): same value, no cancellation
+    sqdist       loss computed as 1/2 |q - z'|^2 (SqDistBYOL): same value, no cancellation
     gn4          (d1) GroupNorm with 4 groups: the blog's 2-16 channels a group (32 is InstanceNorm
                  in layers 1-3 at width 8)
     tau0.99      (d1) a faster target (the cpu preset's tau)
@@ -37,6 +37,14 @@ import common
 import harness
 import presets
 
+
+class SqDistBYOL(common.BYOL):
+    """The blog's loss as 1/2 |q - z'|^2 of unit vectors: the same number, and gradients, as
+    1 - cos, without fp32's cancellation of 1 - cos near 1."""
+
+    def loss(self, ps, ts, zs):
+        return 0.5 * sum((p - t).pow(2).sum(1).mean() for i, p in enumerate(ps) for j, t in enumerate(ts) if i != j)
+
 C1 = dict(encoder_norm="bn", proj_norm="none", pred_norm="none", lr=0.8, weight_decay=1e-4)
 D1 = dict(encoder_norm="gn", proj_norm="none", pred_norm="none", lr=0.2, weight_decay=1e-5)
 STEPS = presets.APPENDIX_PRESETS["steps"]
@@ -47,7 +55,7 @@ N50K = dict(train_subset=0, epochs=2, schedule_epochs=presets.BLOG_STEPS // 781)
 def levers(base):
     """The levers both networks share, as overrides of base."""
     lr, wd = base["lr"], base["weight_decay"]
-    return {"sqdist": dict(loss_form="sqdist"), "lrB_b64": dict(lr=lr / 4, weight_decay=wd * 4),
+    return {"sqdist": dict(model_fn=SqDistBYOL), "lrB_b64": dict(lr=lr / 4, weight_decay=wd * 4),
             "lrB_b256": dict(batch_size=256, train_subset=20000), "n50k": N50K,
             "w16": dict(width=16), "w32": dict(width=32), "px32": dict(image_size=0)}
 

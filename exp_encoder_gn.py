@@ -30,8 +30,8 @@ lars_lr0.025 and ws_sgd_lr0.2 use 4 groups, the blog's 2-16 channels a group) an
 standardization except in the ws_* variants; SGD runs use the
 Table 1 SGD settings (lr 0.8, wd 1e-4 on all params; ws_sgd_lr0.2: lr 0.2, wd 4e-4); LARS runs use the BYOL paper's settings
 (presets.LARS_BYOL: trust 1e-3, wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's
-LARS form (its lars.py: trust = eta |w| / (|g| + wd |w|), lr inside the momentum; --set
-lars_form=byol gives DeepMind's), no warmup (the blog's LARS code had none in effect) and the lr
+LARS form (its lars.py: trust = eta |w| / (|g| + wd |w|), lr inside the momentum; common.LARS
+has DeepMind's form too, for a subclass's configure_optimizer), no warmup (the blog's LARS code had none in effect) and the lr
 named. The probe is the blog's (sklearn liblinear on raw features, common.fit_liblinear); the
 standardized fit is logged beside it (probe_standardized). The lr values are absolute, not
 scaled by batch size, in every preset.

@@ -33,8 +33,8 @@ Results: results/README.md#c1-bn-encoder-no-mlp-bn-sgd and #d3-lars-without-bn
 
 Choices where the blog is silent (SPEC.md section 7): LARS = presets.LARS_BYOL (trust 1e-3,
 wd 1.5e-6 off biases/norms, tau 0.996 -> 1 cosine) in the blog's form (its lars.py: trust =
-eta |w| / (|g| + wd |w|), the formula the appendix quotes, with lr inside the momentum; --set
-lars_form=byol gives DeepMind's eta |w| / |g + wd w|), no warmup (as the blog's LARS code in
+eta |w| / (|g| + wd |w|), the formula the appendix quotes, with lr inside the momentum;
+common.LARS's form="byol" is DeepMind's eta |w| / |g + wd w|), no warmup (as the blog's LARS code in
 effect), lr 0.2 unless named; in the partial-LARS variants the other weights get plain SGD
 with the same lr; the D3 lr comparison uses LARS on every layer; GroupNorm has 32 groups.
 """

@@ -30,7 +30,7 @@ scale-invariant w (grad L(c w) = grad L(w) / c), w~_t = alpha^-t w_t follows the
 without decay, with momentum mu~ = mu / alpha^2 and lr eta alpha^-(2t-1), where alpha is the larger
 root of alpha^2 - (1 + mu - eta lambda) alpha + mu = 0. Our SGD (buf = m buf + g; w -= eta buf) is
 heavy-ball with m = mu~ when the gradient is scaled instead of the lr, so the conv weights get no
-decay, momentum mu~ and gradients times c_t = alpha^-(2t-1) (ExpLrBYOL, exp_lr_groups); alpha is
+decay, momentum mu~ and gradients times c_t = alpha^-(2t-1) (ExpLrBYOL); alpha is
 taken step by step from the scheduled lr (the steps preset's cosine moves it < 2% over 130
 epochs). At lr 0.2, lambda 4e-4, mu 0.9: alpha = 0.999194, mu~ = 0.901453, c grows 0.16% a step,
 e^16 (9 million) by step 10,140, and |w| grows as sqrt(c). test_mechanism checks the equivalence
@@ -41,6 +41,8 @@ Results: results/README.md#why-the-recoveries-happen
 
     python exp_mechanism.py --preset steps --seeds 2
 """
+import functools
+
 import torch
 
 import common
@@ -57,26 +59,27 @@ def conv_weights(model):
 
 
 class NormHeldBYOL(TrackedBYOL):
-    """(a): once the batch's negative cosine first reaches 0.999, each online conv weight is
-    rescaled to the norm it had then, before every later step (so after every step but the
-    run's last). Decay still acts within a step; the effective lr lr / |w|^2 stays where it was.
-    The held norms are buffers, so a resumed run keeps them."""
+    """(a): once a step's negative cosine first reaches 0.999, each online conv weight is rescaled,
+    before every later step, to the norm it had in that step's forward (so after every step but
+    the run's last). Decay still acts within a step; the effective lr lr / |w|^2 stays where it
+    was. The held norms are buffers, so a resumed run keeps them."""
 
     def __init__(self, cfg, image_size=32):
         super().__init__(cfg, image_size)
         self.register_buffer("held_norms", torch.zeros(len(conv_weights(self))))
         self.register_buffer("holding", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, v1, v2):
+    @torch.no_grad()
+    def before_step(self, step):
         if self.holding:
-            with torch.no_grad():
-                for w, n in zip(conv_weights(self), self.held_norms):
-                    w.mul_(n / w.norm())
-        out = super().forward(v1, v2)
+            for w, n in zip(conv_weights(self), self.held_norms):
+                w.mul_(n / w.norm())
+        super().before_step(step)   # TrackedBYOL keeps the weights the forward sees: convs_before
+
+    def after_step(self, step, out):
         if not self.holding and out["neg_cos"].item() >= 0.999:   # one host sync a step: an ablation
-            self.held_norms.copy_(torch.stack([w.detach().norm() for w in conv_weights(self)]))
+            self.held_norms.copy_(torch.stack([w.norm() for ws in self.convs_before.values() for w in ws]))
             self.holding.fill_(True)
-        return out
 
 
 def alpha(lr, momentum, decay):
@@ -87,53 +90,53 @@ def alpha(lr, momentum, decay):
 
 class ExpLrBYOL(TrackedBYOL):
     """(b): the conv weights' gradients are multiplied by c_t = alpha^-(2t-1) (module docstring),
-    with alpha from the scheduled lr and EXP_LR_DECAY, the decay the run itself does not apply.
-    The step count and c_t are buffers, so a resumed run continues them."""
+    with alpha from each step's scheduled lr (set_lr) and EXP_LR_DECAY, the decay the run itself
+    does not apply; the conv weights get momentum mu / alpha^2 and no decay (param_groups). c_t
+    is a buffer, so a resumed run continues it."""
 
     def __init__(self, cfg, image_size=32):
         super().__init__(cfg, image_size)
-        self.cfg = cfg
-        # the scheduled lr needs the steps per epoch, known here from train_subset (the steps
-        # preset's 5,000 images); without a subset the peak lr stands in for it
-        self.steps_per_epoch = cfg.train_subset // cfg.batch_size
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("grad_scale", torch.ones((), dtype=torch.float64))
         for w in conv_weights(self):
             w.register_hook(lambda g: g * self.grad_scale.to(g.dtype))
 
-    def forward(self, v1, v2):
-        lr = common.lr_at(int(self.step), self.steps_per_epoch, self.cfg) if self.steps_per_epoch else self.cfg.lr
+    def set_lr(self, opt, step, total_steps):
+        lr = super().set_lr(opt, step, total_steps)
         a = alpha(lr, self.cfg.momentum, EXP_LR_DECAY)
-        self.grad_scale.mul_(a ** -2 if self.step > 0 else a ** -1)   # c_1 = alpha^-1, then x alpha^-2 a step
-        self.step += 1
-        return super().forward(v1, v2)
+        self.grad_scale.mul_(a ** -2 if step > 0 else a ** -1)   # c_1 = alpha^-1, then x alpha^-2 a step
+        return lr
 
-
-def exp_lr_groups(model, cfg):
-    """groups_fn for (b): the conv weights with momentum mu / alpha^2 and no decay, the rest as
-    common.param_groups gives it (no decay either at weight_decay=0)."""
-    convs = {id(p) for p in conv_weights(model)}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in convs]
-    mu = cfg.momentum / alpha(cfg.lr, cfg.momentum, EXP_LR_DECAY) ** 2
-    return [dict(params=conv_weights(model), momentum=mu, weight_decay=0.0, lars=False),
-            dict(params=rest, weight_decay=cfg.weight_decay, lars=False)]
+    def param_groups(self):
+        convs = {id(p) for p in conv_weights(self)}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in convs]
+        mu = self.cfg.momentum / alpha(self.cfg.lr, self.cfg.momentum, EXP_LR_DECAY) ** 2
+        return [dict(params=conv_weights(self), momentum=mu, weight_decay=0.0, lars=False),
+                dict(params=rest, weight_decay=self.cfg.weight_decay, lars=False)]
 
 
 EXP_LR_DECAY = 4e-4   # the reference's wd, applied through the lr instead
 
 
-def decay_on(*prefixes):
-    """groups_fn: weight decay (cfg.weight_decay) on the conv weights (prefix 'conv') and/or on the
-    weight matrices of the modules named by prefix; nothing else decays."""
-    def groups(model, cfg):
+class DecayOnBYOL(TrackedBYOL):
+    """Weight decay (cfg.weight_decay) on the conv weights (prefix 'conv') and/or on the weight
+    matrices of the modules named by prefix; nothing else decays."""
+
+    def __init__(self, cfg, image_size=32, prefixes=()):
+        super().__init__(cfg, image_size)
+        self.prefixes = prefixes
+
+    def param_groups(self):
         decayed, rest = [], []
-        for name, p in model.named_parameters():
+        for name, p in self.named_parameters():
             if p.requires_grad:
-                conv = "conv" in prefixes and p.ndim == 4
-                (decayed if conv or (p.ndim == 2 and name.startswith(prefixes)) else rest).append(p)
-        return [dict(params=decayed, weight_decay=cfg.weight_decay, lars=False),
+                conv = "conv" in self.prefixes and p.ndim == 4
+                (decayed if conv or (p.ndim == 2 and name.startswith(self.prefixes)) else rest).append(p)
+        return [dict(params=decayed, weight_decay=self.cfg.weight_decay, lars=False),
                 dict(params=rest, weight_decay=0.0, lars=False)]
-    return groups
+
+
+def decay_on(*prefixes):
+    return functools.partial(DecayOnBYOL, prefixes=prefixes)
 
 
 # exp_recovery.py's c1: BN encoder, no MLP norm, lr 0.2, wd 4e-4 on the conv weights, instrumented
@@ -141,11 +144,11 @@ C1 = dict(TRACK, proj_norm="none", pred_norm="none", encoder_norm="bn", lr=0.2, 
 VARIANTS = {
     "c1": C1,
     "c1_norm_held": dict(C1, model_fn=NormHeldBYOL),
-    "c1_exp_lr": dict(C1, model_fn=ExpLrBYOL, groups_fn=exp_lr_groups, weight_decay=0.0),
-    "c1_conv_pred": dict(C1, groups_fn=decay_on("conv", "predictor.")),
-    "c1_conv_proj": dict(C1, groups_fn=decay_on("conv", "online_projector.")),
-    "c1_pred_only": dict(C1, groups_fn=decay_on("predictor.")),
-    "c1_proj_only": dict(C1, groups_fn=decay_on("online_projector.")),
+    "c1_exp_lr": dict(C1, model_fn=ExpLrBYOL, weight_decay=0.0),
+    "c1_conv_pred": dict(C1, model_fn=decay_on("conv", "predictor.")),
+    "c1_conv_proj": dict(C1, model_fn=decay_on("conv", "online_projector.")),
+    "c1_pred_only": dict(C1, model_fn=decay_on("predictor.")),
+    "c1_proj_only": dict(C1, model_fn=decay_on("online_projector.")),
 }
 
 if __name__ == "__main__":

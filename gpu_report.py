@@ -7,7 +7,7 @@ the committed reference results).
 
 Sections, each run on its own (a failure is written down and the next section runs):
   env         torch, CUDA, cuDNN, the device
-  smoke       every objective of exp_table1_norms.py for one epoch on synthetic data, on the device
+  smoke       every variant of exp_table1_norms.py for one epoch on synthetic data, on the device
   speed       steady images/s of the training step (bench.measure) for bf16 and fp32, eager and
               compiled (--compile off in --quick and on CPU), channels_last and NCHW
   epoch       one epoch of the cifar10 preset (CIFAR-10 if found, else synthetic images), probe included
@@ -57,8 +57,9 @@ def section_smoke(args, device, data):
     out = []
     names = ("byol", "contrastive") if args.quick else [v for v in exp_table1_norms.VARIANTS if v != "random"]
     for name in names:
-        cfg = small(device, **exp_table1_norms.VARIANTS[name])
-        rows = common.train_byol(cfg, data=runtime.make_synthetic())
+        over = dict(exp_table1_norms.VARIANTS[name])
+        model_fn = over.pop("model_fn", None)   # contrastive: contrastive.InfoNCE
+        rows = common.train_byol(small(device, **over), data=runtime.make_synthetic(), model_fn=model_fn)
         out.append(f"{name}: loss {rows[-1]['loss']:.4g}, probe {rows[-1]['probe_acc']:.1f}")
     return out
 
@@ -113,8 +114,7 @@ def section_syncs(args, device, data):
     x = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     s = common.build(cfg, device)
     gen = torch.Generator(device).manual_seed(0)
-    step = lambda: common.train_step(s, *common.two_views(x, gen, s.mean, s.std, fmt=s.fmt, views=s.views),  # noqa: E731
-                                     cfg.base_tau, 0)
+    step = lambda: common.train_step(s, s.model.views(x, gen), cfg.base_tau, 0)  # noqa: E731
     step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

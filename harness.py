@@ -99,15 +99,19 @@ def config_help(presets):
     preset sets it, every preset's value (what a run uses). Their meaning: common.Config."""
     out = ["Config fields (--set KEY=VALUE, or a variant's overrides; their meaning: common.Config). Each "
            f"field's default, then the value of each preset ({', '.join(presets)}) where a preset sets it:"]
-    allowed = choices()
+    allowed = choices(common.MLP_NORMS)
     for f in dataclasses.fields(common.Config):
         line = f"  {f.name} = {f.default!r}" + (f" [{'|'.join(allowed[f.name])}]" if f.name in allowed else "")
         if any(f.name in preset for preset in presets.values()):
             line += "   presets: " + ", ".join(f"{n} {p.get(f.name, f.default)!r}" for n, p in presets.items())
         out.append(line)
-    out.append("A variant may also name its own pieces (train_byol's hooks): " + ", ".join(
-        f"{k}{sig}" for k, sig in HOOK_SIGNATURES.items()))
     return "\n".join(out)
+
+
+STAGES_HELP = """A variant's model_fn=<a common.BYOL subclass> overrides any of its stages (BYOL's docstring;
+README, 'Your own ablation'): start(images, gen), views(x, gen), param_groups(), configure_optimizer(),
+set_lr(opt, step, total_steps), before_step(step), forward(views) with online(v), target(v) and
+loss(ps, ts, zs), update_target(tau, step), after_step(step, out), evaluate(data, epoch, views, out)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -119,7 +123,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def get_parser(doc, presets, variants):
-    p = OneLineParser(description=doc, epilog=config_help(presets),
+    p = OneLineParser(description=f"{doc}\n{STAGES_HELP}", epilog=config_help(presets),
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = functools.partial(p.add_argument, action="store_true")
     p.add_argument("--preset", choices=list(presets), help="default: cifar10 on a GPU, cpu otherwise")
@@ -200,7 +204,7 @@ def build_configs(args, presets, variants, extra_variants=None):
         used = {k: x for k, x in cli.items() if not (k == "epochs" and over.get("epochs") == 0)}
         warnings += [f"warning: --set {k}={used[k]} replaces variant {v}'s own {k}={over[k]}"
                      for k in used if k in over and used[k] != over[k]]
-        configs[v] = check_config(common.Config(**{**base, **over, **used}))
+        configs[v] = check_config(common.Config(**{**base, **over, **used}), common.MLP_NORMS)
     for w in warnings:   # once every config is valid (bad input stays a one-line error)
         print(w, file=sys.stderr)
     # overrides that depart from the preset, whose values the README's and results/'s numbers came
@@ -215,18 +219,15 @@ def build_configs(args, presets, variants, extra_variants=None):
 
 # ======================================================================== config hash
 # Config fields added after the committed results/ were made, with their defaults (config_hash)
-LATER_FIELDS = dict(gn_groups=32, loss_form="cos", decay_params="all", aug_crop_scale=(0.2, 0.2),
+LATER_FIELDS = dict(gn_groups=32, decay_params="all", aug_crop_scale=(0.2, 0.2),
                     aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0), depth=18)
 # Config fields removed since, at the one value every run had: the hashes stay as they were
-RETIRED_FIELDS = dict(proj_layers=2, temperature=0.2, warmup_epochs=0.0, probe_fit="liblinear")
+RETIRED_FIELDS = dict(proj_layers=2, temperature=0.2, warmup_epochs=0.0, probe_fit="liblinear", objective="byol",
+                      mlp_bn_group=0, probe="blog", probe_bn="running", lars_eta=1e-3, lars_form="blog")
 
-# A variant's dict may also hold these, for a script's own pieces (train_byol's model_fn, groups_fn)
-HOOKS = ("model_fn", "groups_fn", "metrics_fn")
-HOOK_SIGNATURES = {"model_fn": "(cfg, image_size) -> a common.BYOL subclass (its extension points: build_encoder, "
-                               "online, target, loss, update_target, after_step, EMA_PAIRS; see its docstring)",
-                   "groups_fn": "(model, cfg) -> optimizer parameter groups",
-                   "metrics_fn": "(model, views, out) -> {column: value} once an epoch (columns: extra_columns)"}
-HOOK_DEFAULTS = {"model_fn": "BYOL", "groups_fn": "param_groups", "metrics_fn": ""}   # cfg_<hook> without one
+# A variant's dict may also hold model_fn(cfg, image_size) -> a common.BYOL subclass (STAGES_HELP)
+HOOKS = ("model_fn",)
+HOOK_DEFAULTS = {"model_fn": "BYOL"}   # cfg_<hook> without one
 
 
 def hook_name(fn):
@@ -269,7 +270,7 @@ def hook_identity(fn):
 
 # a script's top-level names that only list its grid (its values are hashed as settings and hooks)
 GRID_NAMES = frozenset({"VARIANTS", "EXTRA_VARIANTS", "PRESETS", "BLOG"})
-LIBRARY = ("common", "harness", "runtime", "augment", "presets")   # edits reported, not retrained
+LIBRARY = ("common", "harness", "runtime", "augment", "logreg", "presets")   # edits reported, not retrained
 HERE = Path(__file__).resolve().parent   # the library's folder
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)   # what has a docstring
 INSTALLED = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")]
@@ -485,7 +486,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     # a hook's name is a column only in scripts whose variants name one: the other CSVs keep their header
     hook_keys = [k for k in HOOKS if any(k in v for v in variants.values())]
     header = COLUMNS + list(extra_columns) + ["cfg_hash", "lib_hash"] + [f"cfg_{k}" for k in over_keys + hook_keys]
-    metric_columns = [c for c in extra_columns if not c.startswith(("lars_lr:", "lr:"))]   # a metrics_fn's
+    metric_columns = [c for c in extra_columns if not c.startswith(("lars_lr:", "lr:"))]   # an evaluate()'s
     added_norms = [common.MLP_NORMS[n] for n in set(common.MLP_NORMS) - common.BUILTIN_NORMS]
     code, lib = script_identity([fn for h in hooks.values() for fn in h.values()] + added_norms), library_identity()
     hashes = {name: config_hash(cfg, group.size, hooks[name], code) for name, cfg in configs.items()}
@@ -534,7 +535,7 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
                     save_run(path, header, buffer, replace=args.fresh)
             ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
             rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=Checkpoints(ckpt),
-                                     device=run_device(cfg), world=group, **hooks[name])
+                                     device=run_device(cfg), **hooks[name])
             if group.rank == 0:
                 if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
                     save_run(path, header, buffer, replace=args.fresh)

@@ -17,12 +17,16 @@ def stage_convs(encoder):
 
 
 class TrackedBYOL(common.BYOL):
-    """BYOL that keeps the encoder's conv weights from before each step, so that the per-step
-    angle can be read after it (a copy of ~0.2M floats a step at width 8; no effect on training)."""
+    """BYOL that keeps the encoder's conv weights from before each step (before_step), so that
+    evaluate can log the last step's angle beside the other instruments (a copy of ~0.2M floats a
+    step at width 8; no effect on training)."""
 
-    def forward(self, v1, v2):
+    def before_step(self, step):
         self.convs_before = {s: [w.detach().clone() for w in ws] for s, ws in stage_convs(self.online_encoder).items()}
-        return super().forward(v1, v2)
+
+    def evaluate(self, data, epoch, views=None, out=None):
+        row = super().evaluate(data, epoch, views, out)
+        return row if views is None else dict(row, **recovery_metrics(self, views, out))
 
 
 def angle(a, b):
@@ -47,4 +51,4 @@ def recovery_metrics(model, views, out):
     return dict(row, z_rank=common.effective_rank(out["z"].float()), y_rank=common.effective_rank(y.float()))
 
 
-TRACK = dict(model_fn=TrackedBYOL, metrics_fn=recovery_metrics)
+TRACK = dict(model_fn=TrackedBYOL)

@@ -726,8 +726,9 @@ def _value(v):
         return s.lower()
 
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(common.Config)
-            if f.default is not dataclasses.MISSING}
+# every Config field's default; a removed field at the value every run without its cfg_ cell had
+DEFAULTS = {**harness.RETIRED_FIELDS, "loss_form": "cos",
+            **{f.name: f.default for f in dataclasses.fields(common.Config) if f.default is not dataclasses.MISSING}}
 # hooks that only log (exp_recovery.py's TrackedBYOL and recovery_metrics: a run with them repeats
 # one without digit for digit, results/README.md D2) and each hook's default, as the CSV names them
 SAME_HOOK = {"cfg_model_fn": {"", "byol", "trackedbyol"}, "cfg_groups_fn": {"", "param_groups"}}
@@ -1095,7 +1096,8 @@ def steps_per_epoch_of(cfg):
 
 def decay_at(cfg, steps):
     """wd x the scheduled lr summed over the first `steps` steps: how far the decay has acted."""
-    return cfg.weight_decay * sum(common.lr_at(s, steps_per_epoch_of(cfg), cfg) for s in range(steps))
+    total = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch_of(cfg)   # as train_byol's
+    return cfg.weight_decay * sum(common.lr_at(s, total, cfg.lr) for s in range(steps))
 
 
 def escape_rows(csv_path):

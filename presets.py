@@ -40,8 +40,8 @@ APPENDIX_PRESETS = {"blog": dict(BLOG_STL10, epochs=320), "cifar10": dict(CIFAR1
 
 # LARS with the BYOL paper's settings (section 3.3 and DeepMind's config: trust 1e-3, weight decay
 # 1.5e-6 off biases and norms, tau 0.996 -> 1 on a per-step cosine), run through the blog's own LARS
-# update (lars_form="blog": the blog's appendix runs used its lars.py; see LARS)
-LARS_BYOL = dict(optimizer="lars", lars_eta=1e-3, weight_decay=1.5e-6, tau_schedule="cosine", lars_form="blog")
+# update (common.BYOL.configure_optimizer: the blog's appendix runs used its lars.py; see LARS)
+LARS_BYOL = dict(optimizer="lars", weight_decay=1.5e-6, tau_schedule="cosine")
 # The BYOL paper's asymmetric augmentations (its Table 6): crops down to 8% of the area, view v
 # always blurred and never solarized, view v' blurred w.p. 0.1 and solarized w.p. 0.2. (Its
 # saturation jitter is 0.2 where the blog's is 0.4; aug_jitter scales all four together, so that

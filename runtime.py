@@ -26,31 +26,29 @@ class UsageError(Exception):
 
 # ============================================================================ validation
 
-# the values each str field allows (choices() adds the MLP norms' names, common.MLP_NORMS)
+# the values each str field allows (with proj_norm and pred_norm: the names in common.MLP_NORMS)
 CHOICES = dict(dataset=("cifar10", "stl10", "synthetic"), stem=("cifar", "imagenet"),
-               encoder_norm=("bn", "gn", "gn_ws", "none"), objective=("byol", "contrastive"),
-               loss_form=("cos", "sqdist"), decay_params=("all", "weights", "conv"),
+               encoder_norm=("bn", "gn", "gn_ws", "none"), decay_params=("all", "weights", "conv"),
                optimizer=("sgd", "lars"), lars_params=("all", "layer12", "mlp", "every"),
-               tau_schedule=("constant", "cosine"), probe=("blog", "standard"),
-               lars_form=("blog", "byol"),
-               probe_bn=("running", "recompute"), queue_init=("random", "data"),
+               tau_schedule=("constant", "cosine"), queue_init=("random", "data"),
                precision=("auto", "bf16", "fp32"))
+DEPTHS = (18, 34)   # common.RESNET_STAGES
+AUG_FIELDS = ("aug_crop_scale", "aug_blur", "aug_solarize")   # pairs (view v, view v')
 
 
-def choices():
-    """CHOICES with the MLP norms' names (common.MLP_NORMS, where a script may add its own)."""
-    import common   # not at the top: common imports this module
-    return dict(CHOICES, proj_norm=tuple(common.MLP_NORMS), pred_norm=tuple(common.MLP_NORMS))
+def choices(norms):
+    """CHOICES with the MLP norms' names (norms: common.MLP_NORMS, where a script may add its own)."""
+    return dict(CHOICES, proj_norm=tuple(norms), pred_norm=tuple(norms))
 
 
-def check_config(cfg, data=None):
+def check_config(cfg, norms, data=None):
     """Every rule a config must meet, in one place: raises UsageError for a value that can never
-    make a valid run (with data, a load_dataset() dict: also against its images); returns cfg."""
-    import common
-    for key, allowed in choices().items():
+    make a valid run (norms: the MLP norms by name, common.MLP_NORMS; with data, a load_dataset()
+    dict: also against its images); returns cfg."""
+    for key, allowed in choices(norms).items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in common.AUG_FIELDS:   # a pair (view v, view v')
+    for key in AUG_FIELDS:
         v = getattr(cfg, key)
         if len(v) != 2 or not all(math.isfinite(x) and 0 <= x <= 1 for x in v):
             raise UsageError(f"{key} must be one value or two (v, v'), each in [0, 1], got {v}")
@@ -59,8 +57,8 @@ def check_config(cfg, data=None):
     for key in ("width", "mlp_hidden_dim", "proj_dim", "gn_groups"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.depth not in common.RESNET_STAGES:
-        raise UsageError(f"depth must be one of {', '.join(map(str, common.RESNET_STAGES))}, got {cfg.depth}")
+    if cfg.depth not in DEPTHS:
+        raise UsageError(f"depth must be one of {', '.join(map(str, DEPTHS))}, got {cfg.depth}")
     if cfg.batch_size < 2:   # BatchNorm and the negative cosine need two images per batch
         raise UsageError(f"batch_size must be >= 2, got {cfg.batch_size}")
     for key in ("epochs", "train_subset", "eval_every", "schedule_epochs", "queue_size", "pred_layers",
@@ -77,17 +75,9 @@ def check_config(cfg, data=None):
             raise UsageError(f"{key} must be finite and {what}, got {getattr(cfg, key)}")
     for key in ("lr", "weight_decay"):
         finite(key, lambda v: v >= 0, ">= 0")
-    finite("lars_eta", lambda v: v > 0, "> 0")
     finite("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
     finite("base_tau", lambda v: 0 <= v <= 1, "in [0, 1]")
-    if cfg.mlp_bn_group < 0 or cfg.mlp_bn_group == 1 or cfg.batch_size % max(cfg.mlp_bn_group, 1):
-        raise UsageError(f"mlp_bn_group must be 0 (whole batch) or >= 2 and divide batch_size "
-                         f"({cfg.batch_size}), got {cfg.mlp_bn_group}")
-    norms = (cfg.proj_norm, cfg.pred_norm)
-    if cfg.mlp_bn_group and all(n in common.UNGROUPED_NORMS for n in norms):   # it would change nothing
-        raise UsageError(f"mlp_bn_group={cfg.mlp_bn_group} needs a BN-type MLP norm with batch statistics; "
-                         f"these take no groups: {', '.join(sorted(set(norms)))}")
-    if cfg.objective == "contrastive" and cfg.queue_size < cfg.batch_size:
+    if cfg.queue_size < cfg.batch_size:   # the contrastive queue takes a batch of keys a step
         raise UsageError(f"queue_size ({cfg.queue_size}) must be >= batch_size ({cfg.batch_size})")
     # the encoder's GroupNorm uses min(gn_groups, channels) groups, which must divide the channels
     g = cfg.gn_groups
@@ -101,11 +91,6 @@ def check_config(cfg, data=None):
     if n_ranks > 1:   # each rank trains on an equal share of every batch
         if cfg.batch_size % n_ranks:
             raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of the {n_ranks} processes")
-        if cfg.mlp_bn_group and (cfg.batch_size // n_ranks) % cfg.mlp_bn_group:
-            raise UsageError(f"mlp_bn_group {cfg.mlp_bn_group} must divide the per-process batch "
-                             f"{cfg.batch_size // n_ranks}")
-        if cfg.sync_bn and cfg.probe_bn == "recompute":   # the probe runs on rank 0 alone
-            raise UsageError("probe_bn=recompute cannot run with --sync-bn over several processes")
         if cfg.sync_bn and get_device(cfg.device).type != "cuda":
             raise UsageError("--sync-bn needs CUDA (nn.SyncBatchNorm); without it each process's BN sees its own share")
     if data is not None:

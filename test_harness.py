@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import augment
 import common
 import conftest
 import harness
@@ -44,7 +45,7 @@ SMOKE_VARIANTS = {"exp_collapse_depth.py": ["c1_base", "c1_wd_conv", "d1_gn4", "
 def test_script_smoke_writes_the_csv(script, tmp_path):
     """Every variant of every script trains (one epoch of the smoke preset: the other tests cover
     longer runs) and lands in the CSV; a rerun reuses the finished runs, which for a variant with a
-    hook (model_fn, groups_fn, metrics_fn) means its code hashes the same in a new process."""
+    hook (model_fn: a BYOL subclass) means its code hashes the same in a new process."""
     mod = __import__(script[:-3])
     variants = SMOKE_VARIANTS.get(script, list(mod.VARIANTS))
     args = [str(ROOT / script), "--smoke", "--set", "epochs=1", "--out", str(tmp_path), "--variants", ",".join(variants)]
@@ -352,8 +353,9 @@ def _main_in_process(argv, capsys):
     (["--set", "encoder_norm=gn", "--set", "width=40"], "GroupNorm"),
     (["--set", "lr=nan"], "lr must be finite"),
     (["--set", "lr=inf"], "lr must be finite"),
-    (["--set", "lars_eta=0"], "lars_eta must be finite and > 0"),
+    (["--set", "momentum=1"], "momentum must be finite and in [0, 1)"),
     (["--set", "temperature=0.1"], "KEY a Config field"),   # a removed field: no longer settable
+    (["--set", "lars_eta=0.01"], "KEY a Config field"),
     (["--set", "momentum=-1"], "momentum"),
     (["--set", "weight_decay=-1e-4"], "weight_decay"),
     (["--set", "image_size=4"], "image_size must be 0"),
@@ -372,16 +374,16 @@ def test_help_lists_config_fields_and_set_tells_the_truth(tmp_path, capsys, monk
     assert r.returncode == 0
     for field in dataclasses.fields(common.Config):
         assert f"  {field.name} = " in r.stdout, field.name
-    assert "lars_form = 'blog' [blog|byol]" in r.stdout and "aug_blur = (0.5, 0.5)" in r.stdout
+    assert "lars_params = 'all' [all|layer12|mlp|every]" in r.stdout and "aug_blur = (0.5, 0.5)" in r.stdout
     assert "proj_norm = 'bn' [none|bn|ln|" in r.stdout   # the norms' table, added names included
     # the values a run uses: each preset's, beside the Config default it replaces
     assert "  width = 64   presets: blog 64, cifar10 64, cpu 16, steps 8\n" in r.stdout
     assert "  epochs = 10   presets: blog 320, cifar10 320, cpu 8, steps 130\n" in r.stdout
-    assert all(f"{hook}(" in r.stdout for hook in harness.HOOKS)   # the hooks a variant may name
-    # model_fn's signature and the BYOL extension points a subclass overrides
-    assert "model_fn(cfg, image_size) -> a common.BYOL subclass" in r.stdout
-    assert all(point in r.stdout for point in ("build_encoder", "online", "target", "loss", "update_target",
-                                               "after_step", "EMA_PAIRS"))
+    # the stages a variant's model_fn (a BYOL subclass) overrides, named before the Config fields
+    stages = ("start(", "views(", "param_groups(", "configure_optimizer(", "set_lr(", "before_step(", "forward(",
+              "loss(", "update_target(", "after_step(", "evaluate(")
+    assert "model_fn=<a common.BYOL subclass>" in r.stdout
+    assert all(0 <= r.stdout.find(st) < r.stdout.find("Config fields") for st in stages)
     # --set over a variant's own value: a warning, and the header prints the value used
     seen = []
     monkeypatch.setattr(common, "train_byol", lambda cfg, **k: seen.append(cfg) or [dict(epoch=0, loss=None)])
@@ -507,7 +509,7 @@ def test_merge_results_combines_shards_and_refuses_conflicts(tmp_path):
     r = _run([str(ROOT / "merge_results.py"), str(a), str(older), "--out", str(tmp_path / "o.csv")], tmp_path)
     assert r.returncode == 0 and len(_rows(tmp_path / "o.csv")) == len(_rows(a)), r.stderr
     before = tmp_path / "before.csv"                   # written before lib_hash: merged, its cells empty
-    header = [c for c in _rows(b)[0] if c != "lib_hash"]
+    header = [c for c in _rows(b)[0] if c not in harness.LATER_COLUMNS]
     harness.rewrite_rows(before, header, [dict(r, seed="7") for r in _rows(b) if r["seed"] == "1"])
     r = _run([str(ROOT / "merge_results.py"), str(before), str(a), "--out", str(tmp_path / "u.csv")], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -597,15 +599,13 @@ def test_the_multi_process_rules_are_check_configs(monkeypatch):
     """Under torchrun (faked: two ranks) check_config, the one place of every rule, also refuses
     what cannot split over the processes; in one process the same configs are valid."""
     for bad, message in ((dict(batch_size=65), "multiple of the 2 processes"),
-                         (dict(mlp_bn_group=64, batch_size=64), "per-process batch 32"),
-                         (dict(sync_bn=True, probe_bn="recompute"), "probe_bn=recompute"),
                          (dict(sync_bn=True), "--sync-bn needs CUDA")):
         cfg = dataclasses.replace(SMALL, **bad)
         monkeypatch.setattr(runtime, "world", lambda: (0, 2))
         with pytest.raises(runtime.UsageError, match=message):
-            runtime.check_config(cfg)
+            runtime.check_config(cfg, common.MLP_NORMS)
         monkeypatch.setattr(runtime, "world", lambda: (0, 1))
-        runtime.check_config(cfg)
+        runtime.check_config(cfg, common.MLP_NORMS)
 
 
 def test_ddp_falls_back_to_broadcast_buffers_on_older_torch(monkeypatch):
@@ -701,14 +701,14 @@ def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkey
     move with the thread count and oneDNN's kernels (AVX2 against AVX-512) in the last bits, and
     BYOL's early steps amplify that."""
     drawn = []
-    real = common.sample_aug_params
+    real = augment.sample_aug_params
 
     def record(*a, **k):
         p = real(*a, **k)
         drawn.append((p["box"][:3].int().tolist(), p["flip"][:8].int().tolist(), p["blur"][:8].int().tolist(),
                       p["order"][0].tolist()))
         return p
-    monkeypatch.setattr(common, "sample_aug_params", record)
+    monkeypatch.setattr(augment, "sample_aug_params", record)
     import exp_table1_norms as mod
     args = harness.get_parser("", mod.PRESETS, mod.VARIANTS).parse_args(["--smoke", "--variants", "byol",
                                                                          "--device", "cpu"])
@@ -736,11 +736,16 @@ import harness
 import presets
 
 
-def groups(model, cfg, factor=FACTOR):
-    return common.param_groups(model, cfg, lr_mult={"predictor.": factor})
+class Hooked(common.BYOL):
+    def __init__(self, cfg, image_size=32, factor=FACTOR):
+        super().__init__(cfg, image_size)
+        self.factor = factor
+
+    def param_groups(self):
+        return common.default_param_groups(self, self.cfg, lr_mult={"predictor.": self.factor})
 
 
-VARIANTS = {"hooked": dict(groups_fn=groups), "partial": dict(groups_fn=functools.partial(groups, factor=2.0))}
+VARIANTS = {"hooked": dict(model_fn=Hooked), "partial": dict(model_fn=functools.partial(Hooked, factor=2.0))}
 if __name__ == "__main__":
     harness.main("hooked", __doc__, presets.TABLE1_PRESETS, VARIANTS)
 '''
@@ -761,7 +766,7 @@ def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
     script.write_text(HOOKED_SCRIPT.replace("FACTOR", "3.0"))   # the hook's code changed
     edited = run()
     assert edited.returncode == 0 and "reused" not in edited.stdout and "2 earlier run(s)" in edited.stdout
-    a, b = (harness.hook_identity(functools.partial(common.param_groups, lr_mult=m)) for m in ({"x": 1}, {"x": 2}))
+    a, b = (harness.hook_identity(functools.partial(common.default_param_groups, lr_mult=m)) for m in ({"x": 1}, {"x": 2}))
     assert a != b
     namespace = {}
     exec("def made_by_exec(model, cfg):\n    return []", namespace)
@@ -794,8 +799,8 @@ class Base(common.BYOL):
 
 
 class OneSided(Base):
-    def loss(self, p1, p2, t1, t2, z1, z2):
-        return scaled((1 - (p1 * t2).sum(1)).mean())
+    def loss(self, ps, ts, zs):
+        return scaled((1 - (ps[0] * ts[1]).sum(1)).mean())
 
 
 VARIANTS = {"one_sided": dict(model_fn=OneSided)}
@@ -854,8 +859,8 @@ from pkg import vitlib
 
 
 class Scaled(common.BYOL):
-    def loss(self, p1, p2, t1, t2, z1, z2):
-        return vitlib.scale() * super().loss(p1, p2, t1, t2, z1, z2)
+    def loss(self, ps, ts, zs):
+        return vitlib.scale() * super().loss(ps, ts, zs)
 
 
 VARIANTS = {"scaled": dict(model_fn=Scaled)}
@@ -969,7 +974,7 @@ import common
 import harness
 import presets
 
-common.MLP_NORMS["ln_noaffine"] = lambda dim, bn_group: nn.LayerNorm(dim, elementwise_affine=AFFINE)
+common.MLP_NORMS["ln_noaffine"] = lambda dim: nn.LayerNorm(dim, elementwise_affine=AFFINE)
 VARIANTS = {"mine": dict(proj_norm="ln_noaffine", pred_norm="ln_noaffine")}
 if __name__ == "__main__":
     harness.main("mynorm", __doc__, presets.TABLE1_PRESETS, VARIANTS)
@@ -986,11 +991,11 @@ if __name__ == "__main__":
     edited = run()
     assert edited.returncode == 0 and "reused" not in edited.stdout
     with pytest.raises(harness.UsageError, match="proj_norm='nope'"):
-        harness.check_config(dataclasses.replace(SMALL, proj_norm="nope"))
+        harness.check_config(dataclasses.replace(SMALL, proj_norm="nope"), common.MLP_NORMS)
 
 
 def test_a_metric_column_is_written_shown_and_survives_a_resume(tmp_path):
-    """ablation_effective_rank.py's metrics_fn: its column is in the CSV for every trained epoch, on
+    """ablation_effective_rank.py's evaluate(): its column is in the CSV for every trained epoch, on
     the console and in the summary; a run killed after its first epoch and resumed from the
     checkpoint gives the uninterrupted run's column (the checkpoint keeps the rows)."""
     script = str(ROOT / "ablation_effective_rank.py")

@@ -15,6 +15,7 @@ from torch._inductor import metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+import augment  # noqa: E402
 import common  # noqa: E402
 import exp_table1_norms  # noqa: E402
 
@@ -36,18 +37,18 @@ def main(preset="cifar10"):
     x = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8)
     setup = common.build(cfg, device)
     model = setup.model.to(memory_format=torch.contiguous_format)   # counted as committed: no channels_last
-    opt, mean, std, views = setup.opt, setup.mean, setup.std, setup.views
+    opt, mean, std, views = setup.opt, model.mean, model.std, common.view_settings(cfg)
     gen = torch.Generator().manual_seed(0)
-    common.train_step(setup, *common.two_views(x, gen, mean, std, views=views), 0.99, 0)  # warm
+    common.train_step(setup, list(augment.two_views(x, gen, mean, std, views=views)), 0.99, 0)  # warm
     parts = {}
     with Count() as c:
-        [common.augment(x, gen, mean, std, **view) for view in views]
+        [augment.augment(x, gen, mean, std, **view) for view in views]
     before = sum(c.n.values())
     with Count() as c:
-        v = common.two_views(x, gen, mean, std, views=views)
+        v = list(augment.two_views(x, gen, mean, std, views=views))
     parts["augment (two views, one pass)"] = sum(c.n.values())
     with Count() as c:
-        out = model(*v)
+        out = model(v)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
     parts["networks: forward + backward"] = sum(c.n.values())
@@ -62,15 +63,15 @@ def main(preset="cifar10"):
     print(f"{'total':36s}{sum(parts.values()):6d}")
     print(f"{'augment as two augment() calls':36s}{before:6d}")
     with Count() as c:   # the parameter draws stay eager under --compile (they take a generator)
-        params = [common.sample_aug_params(len(x), x.shape[-1], gen, device, **view) for view in views]
+        params = [augment.sample_aug_params(len(x), x.shape[-1], gen, device, **view) for view in views]
     draws = sum(c.n.values())
     both = {k: torch.cat([p[k] for p in params]) for k in params[0]}
-    compiled = torch.compile(common.apply_aug, dynamic=False, fullgraph=True)
+    compiled = torch.compile(augment.apply_aug, dynamic=False, fullgraph=True)
     metrics.reset()
     t = time.perf_counter()
     out = compiled(torch.cat([x, x]), both, mean, std)
     seconds = time.perf_counter() - t
-    diff = (out - common.apply_aug(torch.cat([x, x]), both, mean, std)).abs().max().item()
+    diff = (out - augment.apply_aug(torch.cat([x, x]), both, mean, std)).abs().max().item()
     print(f"{'augment compiled: draws (eager)':36s}{draws:6d}")
     print(f"{'  + generated kernels':36s}{metrics.generated_kernel_count:6d}")
     print("  + the blur's 2 grouped convolutions, which inductor leaves to aten (TORCH_LOGS=output_code)")
