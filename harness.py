@@ -1,25 +1,15 @@
-"""The run harness, around the research code: the command line, checkpoints, the config hash, the
-results CSV (one writer, atomic rewrites, torn-tail repair), the grid of variants x seeds and its
-summary. It never changes a number: it decides which runs happen and where their rows go, so that
-an interrupted or repeated command gives an uninterrupted one's rows. Validation, the device,
-torchrun and the data on disk are runtime.py's.
-
-A finished run is reused only while its cfg_hash is today's: every Config field, the variant's
-hooks, and the code of every module the script loads from its folder or the library's, subfolders
-included (script_identity). The library (LIBRARY) keeps a config's numbers by contract (new
-behaviour comes as a Config field whose default keeps the hash, LATER_FIELDS): its edits do not
-retrain, the runs they reuse are counted in one line (lib_hash), and --fresh retrains them."""
+"""The run harness, around the research code: the command line, checkpoints, the results CSV (one
+writer, atomic rewrites, torn-tail repair), the grid of variants x seeds and its summary. It never
+changes a number: it decides which runs happen and where their rows go, so that an interrupted or
+repeated command gives an uninterrupted one's rows. What decides that a finished run is current
+(its cfg_hash) is reuse.py's; running several runs at once, executor.py's; validation, the
+device, torchrun and the data on disk, runtime.py's."""
 import argparse
-import ast
 import csv
 import dataclasses
 import functools
-import hashlib
-import inspect
-import json
 import os
 import sys
-import sysconfig
 from pathlib import Path
 
 try:
@@ -31,8 +21,11 @@ import numpy as np
 import torch
 
 import common
+import executor
+from reuse import (HOOK_DEFAULTS, HOOKS, LIBRARY, config_hash, hook_name, late_code_changed, library_identity,
+                   resumable, script_identity)
 from runtime import (UsageError, check_config, choices, get_device, init_distributed, leave_process_group,
-                     load_data, process_group, run_device, use_bf16, world)
+                     load_data, machine, process_group, run_device, world)
 from runtime import find_dataset  # noqa: F401   (gpu_report.py calls harness.find_dataset)
 
 # ============================================================================= checkpoints
@@ -46,7 +39,7 @@ def save_checkpoint(path, cfg, model, opt, gen, rows, step):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(dict(cfg=_resumable(cfg), model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
+    torch.save(dict(cfg=resumable(cfg), model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
                     rows=rows, step=step), tmp)
     os.replace(tmp, path)
 
@@ -68,7 +61,7 @@ class Checkpoints:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=False)
-            return state if state["cfg"] == _resumable(cfg) else None
+            return state if state["cfg"] == resumable(cfg) else None
         except Exception as e:
             bad = self.path.with_name(self.path.name + ".bad")
             if world()[0] == 0:
@@ -76,11 +69,6 @@ class Checkpoints:
                 print(f"warning: checkpoint {self.path} is unreadable ({type(e).__name__}); kept as {bad}, "
                       f"starting this run afresh", file=sys.stderr)
             return None
-
-
-def _resumable(cfg):
-    """The config fields a checkpoint must match (where it runs may change)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir", "compile")}
 
 
 # ========================================================================= command line
@@ -134,7 +122,13 @@ def get_parser(doc, presets, variants):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any Config field for every variant, e.g. --set lr=0.2 (repeatable)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps, or a list cuda:0,cuda:1 (the "
+                   "runs take turns on them, --jobs at a time)")
+    p.add_argument("--jobs", type=int, help="runs trained at once, each in a worker process (default: on a CPU, one a "
+                   "core for the cpu and steps presets when 2 or more runs are left, else 1; one a listed GPU)")
+    p.add_argument("--threads", type=int, help="threads a run (default: $OMP_NUM_THREADS, else the cores over --jobs)")
+    p.add_argument("--shard", default="", metavar="K/N", help="only the K-th of N slices of the (variant, seed) "
+                   "runs, K = 0..N-1 (a cluster's job array: docs/runs.md)")
     p.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ or stl10_binary/")
     p.add_argument("--out", default="runs", help="folder for the CSV (default runs/; the committed reference "
                    "results are in results/)")
@@ -144,6 +138,7 @@ def get_parser(doc, presets, variants):
     flag("--smoke", help="seconds-long run on synthetic data (CI)")
     flag("--compile", help="torch.compile the networks and the augmentation")
     flag("--sync-bn", help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
+    flag("--no-weights", help="do not keep each finished run's final weights under <out>/weights/")
     return p
 
 
@@ -193,7 +188,7 @@ def build_configs(args, presets, variants, extra_variants=None):
     unknown = [v for v in names if v not in variants]
     if unknown:
         raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
-    base = dict(presets[preset], device=args.device, data_dir=args.data_dir, compile=args.compile,
+    base = dict(presets[preset], device=args.device.split(",")[0], data_dir=args.data_dir, compile=args.compile,
                 sync_bn=args.sync_bn, **(SMOKE if args.smoke else {}))
     cli = parse_overrides(args.set)
     cli.update({k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None})
@@ -217,140 +212,11 @@ def build_configs(args, presets, variants, extra_variants=None):
     return ("smoke" if args.smoke else preset), configs, cli
 
 
-# ======================================================================== config hash
-# Config fields added after the committed results/ were made, with their defaults (config_hash)
-LATER_FIELDS = dict(gn_groups=32, decay_params="all", aug_crop_scale=(0.2, 0.2),
-                    aug_blur=(0.5, 0.5), aug_solarize=(0.0, 0.0), depth=18)
-# Config fields removed since, at the one value every run had: the hashes stay as they were
-RETIRED_FIELDS = dict(proj_layers=2, temperature=0.2, warmup_epochs=0.0, probe_fit="liblinear", objective="byol",
-                      mlp_bn_group=0, probe="blog", probe_bn="running", lars_eta=1e-3, lars_form="blog")
-
-# A variant's dict may also hold model_fn(cfg, image_size) -> a common.BYOL subclass (STAGES_HELP)
-HOOKS = ("model_fn",)
-HOOK_DEFAULTS = {"model_fn": "BYOL"}   # cfg_<hook> without one
-
-
-def hook_name(fn):
-    """A hook's qualified name (the cfg_<hook> column), with a partial's bound arguments and a
-    closure's values, so two hooks made by one factory with other arguments read apart."""
-    if isinstance(fn, functools.partial):
-        bound = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in fn.keywords.items()]
-        return f"partial({', '.join([hook_name(fn.func), *bound])})"
-    name = getattr(fn, "__qualname__", type(fn).__name__)
-    if inspect.isfunction(fn) and fn.__closure__:
-        name += f"[{', '.join(f'{n}={_cell_value(c)}' for n, c in zip(fn.__code__.co_freevars, fn.__closure__))}]"
-    return name
-
-
-def _cell_value(cell):
-    """A closure cell's value: a plain value as written, anything else by its name; '?' if unfilled."""
-    try:
-        v = cell.cell_contents
-    except ValueError:
-        return "?"
-    plain = v is None or isinstance(v, (str, int, float, bool, tuple, list))
-    return repr(v) if plain else getattr(v, "__qualname__", type(v).__name__)
-
-
-def hook_identity(fn):
-    """What a hook does, for the hash: its name, a digest of its source and closure, a partial's
-    arguments. A hook without readable source (made by exec, in a session) is refused."""
-    if isinstance(fn, functools.partial):
-        return [hook_identity(fn.func), repr(fn.args), repr(sorted(fn.keywords.items()))]
-    target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)   # a callable object: its class
-    try:
-        source = inspect.getsource(target)
-    except (OSError, TypeError):
-        raise UsageError(f"hook {hook_name(fn)}: its source code cannot be read, so its runs cannot be told "
-                         f"apart; define it in a .py file (a function, a class, or functools.partial of one)") from None
-    cells = [repr(c.cell_contents) for c in (getattr(fn, "__closure__", None) or ())]
-    digest = hashlib.sha1(json.dumps([source, cells]).encode()).hexdigest()[:12]
-    return f"{getattr(target, '__module__', '?')}.{hook_name(fn)}:{digest}"
-
-
-# a script's top-level names that only list its grid (its values are hashed as settings and hooks)
-GRID_NAMES = frozenset({"VARIANTS", "EXTRA_VARIANTS", "PRESETS", "BLOG"})
-LIBRARY = ("common", "harness", "runtime", "augment", "logreg", "presets")   # edits reported, not retrained
-HERE = Path(__file__).resolve().parent   # the library's folder
-DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)   # what has a docstring
-INSTALLED = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-
-
-def _grid_only(st):
-    """Whether a top-level statement only fills GRID_NAMES: NAME = ..., NAME[k] = ...,
-    NAME.update(...), or a for loop of those."""
-    if isinstance(st, ast.For):
-        return not st.orelse and all(map(_grid_only, st.body))
-    call = isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) and isinstance(st.value.func, ast.Attribute)
-    targets = [st.value.func.value] if call else getattr(st, "targets", None) or [getattr(st, "target", None)]
-    names = [t.value if isinstance(t, ast.Subscript) else t for t in targets]
-    return bool(names) and all(isinstance(n, ast.Name) and n.id in GRID_NAMES for n in names)
-
-
-def source_digest(path):
-    """12 hex digits of a Python file's code: its syntax tree (not comments, not layout) without
-    docstrings and the statements that only fill its grid. Any other edit changes it."""
-    tree = ast.parse(Path(path).read_text())
-    tree.body = [st for st in tree.body if not _grid_only(st)]
-    for node in ast.walk(tree):
-        if isinstance(node, DOCUMENTED) and ast.get_docstring(node, clean=False) is not None:
-            node.body = node.body[1:] or [ast.Pass()]
-    return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:12]
-
-
-def _source_file(module):
-    """The .py file a module was loaded from; None for a built-in, an extension, a namespace
-    package, or an installed module (the standard library, site-packages)."""
-    f = getattr(module, "__file__", None)
-    f = Path(f).resolve() if isinstance(f, str) and f.endswith(".py") and os.path.isfile(f) else None
-    return None if f is None or any(map(f.is_relative_to, INSTALLED)) or "site-packages" in f.parts else f
-
-
-def script_identity(fns=()):
-    """{file: source_digest} of the code a run executes beyond LIBRARY: every module loaded from the
-    script's folder or the library's, subfolders included, and those defining fns (hooks, added
-    norms) wherever they are; named by their path there, so a copy of the repo hashes the same."""
-    main = _source_file(sys.modules.get("__main__"))
-    roots = [HERE] if main is None else [main.parent, HERE]
-    files = {f for f in map(_source_file, list(sys.modules.values())) if f and any(map(f.is_relative_to, roots))}
-    for fn in (f.func if isinstance(f, functools.partial) else f for f in fns):
-        target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)
-        files.add(_source_file(sys.modules.get(getattr(target, "__module__", ""))))
-    files -= {None, *(HERE / f"{m}.py" for m in LIBRARY)}
-    names = {f: next((f.relative_to(r).as_posix() for r in roots if f.is_relative_to(r)), f.name) for f in files}
-    return {names[f]: source_digest(f) for f in sorted(files)}
-
-
-def library_identity():
-    """12 hex digits of the library's code (LIBRARY, as source_digest reads it): the lib_hash column."""
-    return hashlib.sha1(" ".join(source_digest(HERE / f"{m}.py") for m in LIBRARY).encode()).hexdigest()[:12]
-
-
-def config_hash(cfg, n_ranks=1, hooks=None, code=None):
-    """12 hex digits naming what changes a run's results: every Config field but seed, data_dir,
-    device and compile ('auto' precision resolved), the process count, the hooks and code
-    (script_identity). Without hooks and code: the settings alone, as the committed results/ carry."""
-    # the fields added after results were committed leave the hash as it was, at their defaults
-    d = {k: v for k, v in _resumable(cfg).items() if k != "seed" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
-    d.update(RETIRED_FIELDS)
-    d["precision"] = "bf16" if use_bf16(cfg, get_device(cfg.device)) else "fp32"
-    if n_ranks > 1:
-        d["processes"] = n_ranks
-    added = {getattr(cfg, k) for k in ("proj_norm", "pred_norm")} - common.BUILTIN_NORMS
-    if added:   # norms a script registered in common.MLP_NORMS, by what they do
-        d["norms"] = {name: hook_identity(common.MLP_NORMS[name]) for name in sorted(added)}
-    if hooks:   # a script's own model or parameter groups, by what they do
-        d["hooks"] = {k: hook_identity(fn) for k, fn in hooks.items()}
-    if code:
-        d["code"] = code
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
 # ---------------------------------------------------------------- results CSV on disk
 # One writer per CSV (a lock file), a run's rows appended together when it ends, every rewrite
 # atomic (temporary file + rename), a torn tail (a crash mid-append) cut off before anything is
 # appended. Columns added after CSVs were written (a CSV gains them, empty, on its next run):
-LATER_COLUMNS = frozenset({"lib_hash", *(f"cfg_{k}" for k in HOOKS)})
+LATER_COLUMNS = frozenset({"lib_hash", "late_code", "machine", *(f"cfg_{k}" for k in HOOKS)})
 
 
 def read_rows(path, header, upgrade=False):
@@ -459,7 +325,12 @@ def finished_runs(args, csv_name, header, wanted, configs, lib):
     except BaseException:
         lock.close()
         raise
-    done = set() if args.fresh else {key[:2] for key in finished}
+    stale = {key: late_code_changed(mine[key][-1].get("late_code", "")) for key in finished}
+    stale = {key: files for key, files in stale.items() if files}
+    if stale and not args.fresh:   # code a run imported while it trained has changed: it trains again
+        print(f"{len(stale)} finished run(s) imported code while training that has changed since "
+              f"({', '.join(sorted({f for files in stale.values() for f in files}))}): they train again")
+    done = set() if args.fresh else {key[:2] for key in finished if key not in stale}
     if done:
         print(f"reused {len(done)} finished run(s) with identical settings from {path} (--fresh to retrain)")
         older = sum(mine[key][-1].get("lib_hash", "") != lib for key in finished)
@@ -473,11 +344,76 @@ def finished_runs(args, csv_name, header, wanted, configs, lib):
     return path, lock, done
 
 
+@dataclasses.dataclass
+class Run:
+    """One (variant, seed) run of a grid: what train_one needs, in this process or a worker's."""
+    exp: str
+    name: str
+    cfg: common.Config            # its seed set
+    cfg_hash: str
+    lib: str
+    cells: dict                   # its cfg_* cells
+    header: list
+    ckpt: str
+    model_fn: object = None
+    code: dict = None             # script_identity before training: what it imports later is recorded
+    data: dict = None             # the data, when it trains in this process
+    keep_weights: str = ""        # where its final weights go ("": nowhere)
+
+    @property
+    def label(self):
+        return f"{self.name} seed {self.cfg.seed}"
+
+    def on_device(self, device):
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, device=device))
+
+
+def train_one(run):
+    """Trains one run, from its checkpoint if there is one, and returns its CSV rows; prints each
+    epoch's line with the run's name and ETA. Records the code it imported while training
+    (late_code) and where it ran (machine)."""
+    data, rows, extra = run.data or load_data(run.cfg.dataset, run.cfg.data_dir), [], run.header[len(COLUMNS):]
+    metric_columns = [c for c in extra if not c.startswith(("lars_lr:", "lr:", "cfg_")) and c not in LATER_COLUMNS]
+
+    def log(row):
+        unknown = [k for k in row if k not in run.header and not k.startswith(("lars_lr:", "lr:"))]
+        if unknown:   # a metric with no column would be dropped from the CSV without a word
+            raise UsageError(f"variant {run.name}: row keys {', '.join(unknown)} have no CSV column; "
+                             f"add them to extra_columns in the script's harness.main call")
+        rows.append({k: cell(v) for k, v in dict(exp=run.exp, variant=run.name, seed=run.cfg.seed, **row,
+                                                  cfg_hash=run.cfg_hash, lib_hash=run.lib, **run.cells).items()})
+        done = row["epoch"] - rows[0]["epoch"]
+        left = (row["wall_s"] - float(rows[0]["wall_s"])) / done * (run.cfg.epochs - row["epoch"]) if done else None
+        print(f"  [{run.label}] epoch {row['epoch']:3d}" + "".join(f"  {k} {cell(row.get(c)) or '-':>9}" for k, c in
+              [*LOGGED.items(), *zip(metric_columns, metric_columns)]) + f"  {row['wall_s']:.0f}s" +
+              (f", eta {executor.eta(left)}" if left else ""), flush=True)
+    device, built = run_device(run.cfg), []
+
+    def model_fn(cfg, image_size):   # the run's model, kept to save its final weights
+        built.append((run.model_fn or common.BYOL)(cfg, image_size))
+        return built[-1]
+    common.train_byol(run.cfg, on_epoch=log, data=data, checkpoint=Checkpoints(run.ckpt), device=device,
+                      model_fn=model_fn)
+    if run.keep_weights and world()[0] == 0:
+        Path(run.keep_weights).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(built[0].state_dict(), run.keep_weights)
+    late = ";".join(f"{f}={d}" for f, d in script_identity().items() if f not in (run.code or {}))
+    where = machine(device)
+    return [dict(r, late_code=late, machine=where) for r in rows]
+
+
 def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_variants=None):
     """Runs seeds x variants, one CSV row per epoch in <out>/<exp>_<preset>.csv (a run's rows land
-    together when it ends), reusing the runs finished there with the same cfg_hash (--fresh
-    retrains them); an interrupted run continues from its checkpoint under <out>/checkpoints/.
-    Ends with a summary of exactly the requested runs beside the blog's numbers."""
+    together when it ends), --jobs at a time (executor.py), reusing the runs finished there with
+    the same cfg_hash (--fresh retrains them); an interrupted run continues from its checkpoint
+    under <out>/checkpoints/. Ends with a summary of exactly the requested runs beside the blog's."""
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    devices = args.device.split(",")
+    for d in devices:
+        get_device(d)   # a bad or missing device: one line, exit 2
+    shard([], args.shard)   # checked
     preset, configs, cli = build_configs(args, presets, variants, extra_variants)
     variants = {**variants, **(extra_variants or {})}
     hooks = {name: {k: variants[name][k] for k in HOOKS if k in variants[name]} for name in configs}
@@ -485,12 +421,15 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
     over_keys = sorted({k for v in variants.values() for k in v if k not in HOOKS})
     # a hook's name is a column only in scripts whose variants name one: the other CSVs keep their header
     hook_keys = [k for k in HOOKS if any(k in v for v in variants.values())]
-    header = COLUMNS + list(extra_columns) + ["cfg_hash", "lib_hash"] + [f"cfg_{k}" for k in over_keys + hook_keys]
+    header = (COLUMNS + list(extra_columns) + ["cfg_hash", "lib_hash", "late_code", "machine"]
+              + [f"cfg_{k}" for k in over_keys + hook_keys])
     metric_columns = [c for c in extra_columns if not c.startswith(("lars_lr:", "lr:"))]   # an evaluate()'s
     added_norms = [common.MLP_NORMS[n] for n in set(common.MLP_NORMS) - common.BUILTIN_NORMS]
-    code, lib = script_identity([fn for h in hooks.values() for fn in h.values()] + added_norms), library_identity()
-    hashes = {name: config_hash(cfg, group.size, hooks[name], code) for name, cfg in configs.items()}
-    wanted = {(name, seed): hashes[name] for seed in seeds for name in configs}
+    code = {name: script_identity([*hooks[name].values(), *added_norms]) for name in configs}   # each variant's
+    lib = library_identity()
+    hashes = {name: config_hash(cfg, group.size, hooks[name], code[name]) for name, cfg in configs.items()}
+    mine = shard([(seed, name) for seed in seeds for name in configs], args.shard)   # this process's runs
+    wanted = {(name, seed): hashes[name] for seed, name in mine}
     csv_name, cfg0 = f"{exp}_{preset}.csv", next(iter(configs.values()))
     path, lock, done, error = Path(args.out) / csv_name, None, set(), None
     if group.size > 1:
@@ -506,48 +445,67 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         done, error = group.broadcast([done, error])
         if error:
             raise UsageError(error)
-        todo = [(seed, name) for seed in seeds for name in configs if (name, seed) not in done]
-        if todo:
+        todo = [(seed, name) for seed, name in mine if (name, seed) not in done]
+        if group.size > 1 and (args.jobs or 1) > 1:
+            raise UsageError("--jobs runs several runs at once; under torchrun each run already takes every process")
+        jobs, threads = executor.plan(args.jobs or (1 if group.size > 1 else None), args.threads, devices,
+                                      get_device(devices[0]).type == "cuda", preset, len(todo))
+        data = None
+        if todo and (jobs == 1 or args.download):
             if args.download and group.rank > 0:
                 group.barrier()   # rank 0 downloads first
             data = load_data(cfg0.dataset, args.data_dir, args.download)
             if args.download and group.rank == 0:
                 group.barrier()
+        runs = []
         for seed, name in todo:
             cfg = dataclasses.replace(configs[name], seed=seed)
             # the values actually used, and the variant's own pieces
             shown = [f"{k}={getattr(cfg, k)}" for k in {**variants[name], **cli} if k not in HOOKS]
             shown += [f"{k}={hook_name(fn)}" for k, fn in hooks[name].items()]
             print(f"[{name} seed {seed}] {', '.join(shown) or 'preset settings'}  (cfg_hash {hashes[name]})")
-            buffer, cells = [], {**{f"cfg_{k}": getattr(cfg, k) for k in over_keys}, **{
+            cells = {**{f"cfg_{k}": getattr(cfg, k) for k in over_keys}, **{
                 f"cfg_{k}": hook_name(hooks[name][k]) if k in hooks[name] else HOOK_DEFAULTS[k] for k in hook_keys}}
+            stem = f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
+            runs.append(Run(exp, name, cfg, hashes[name], lib, cells, header, str(Path(args.out) / "checkpoints" / stem),
+                            hooks[name].get("model_fn"), code[name], data if jobs == 1 else None,
+                            "" if args.no_weights else str(Path(args.out) / "weights" / stem)))
 
-            def log(row, name=name, seed=seed, cfg=cfg, cells=cells):
-                print(f"  epoch {row['epoch']:3d}" + "".join(f"  {k} {cell(row.get(c)) or '-':>9}" for k, c in
-                      [*LOGGED.items(), *zip(metric_columns, metric_columns)]) + f"  {row['wall_s']:.0f}s", flush=True)
-                unknown = [k for k in row if k not in header and not k.startswith(("lars_lr:", "lr:"))]
-                if unknown:   # a metric with no column would be dropped from the CSV without a word
-                    raise UsageError(f"variant {name}: row keys {', '.join(unknown)} have no CSV column; "
-                                     f"add them to extra_columns in the script's harness.main call")
-                full = dict(exp=exp, variant=name, seed=seed, **row, cfg_hash=hashes[name], lib_hash=lib, **cells)
-                buffer.append({k: cell(v) for k, v in full.items()})
-                if row["epoch"] == cfg.epochs and group.rank == 0:   # a run's rows land together: no half-run
-                    save_run(path, header, buffer, replace=args.fresh)
-            ckpt = Path(args.out) / "checkpoints" / f"{exp}_{preset}_{name}_seed{seed}_{hashes[name]}.pt"
-            rows = common.train_byol(cfg, on_epoch=log, data=data, checkpoint=Checkpoints(ckpt),
-                                     device=run_device(cfg), **hooks[name])
-            if group.rank == 0:
-                if rows[-1]["epoch"] != cfg.epochs:   # diverged: keep its rows as a result
-                    save_run(path, header, buffer, replace=args.fresh)
-                ckpt.unlink(missing_ok=True)
+        def landed(run, rows):   # a run's rows land together when it ends (or diverges): no half-run
+            if group.rank == 0 and rows:
+                save_run(path, header, rows, replace=True)   # a retrained run's old rows go
+                Path(run.ckpt).unlink(missing_ok=True)
+        if todo:
+            print(f"{len(todo)} run(s) to train, {jobs} at a time, {threads} thread(s) each")
+        failed = executor.run(train_one, runs, jobs, threads, devices, landed) if runs else []
         if group.rank == 0:
             final = [r for r in read_rows(path, header) if wanted.get((r["variant"], int(r["seed"]))) == r["cfg_hash"]
                      and is_final(r, configs[r["variant"]].epochs)]
             print_summary(final, list(configs), blog or {}, metric_columns)
+        if failed:
+            raise RunsFailed(f"{len(failed)} of {len(runs)} run(s) failed: "
+                             + "; ".join(f"{run.label}: {e}" for run, e in failed))
         return path
     finally:
         if lock:
             lock.close()
+
+
+class RunsFailed(Exception):
+    """Some runs of a grid failed (the others' rows landed): one line, exit code 1."""
+
+
+def shard(todo, spec):
+    """The K-th of N slices of the runs (--shard K/N), every N-th from the K-th; all without spec."""
+    if not spec:
+        return todo
+    try:
+        k, n = map(int, spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {spec!r}: give K/N, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise UsageError(f"--shard {spec}: K must be in 0..N-1")
+    return todo[k::n]
 
 
 def print_summary(rows, names, blog, metric_columns=()):
@@ -584,6 +542,10 @@ def main(exp, doc, presets, variants, blog=None, extra_columns=(), extra_variant
         if world()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         code = 2
+        sys.exit(code)
+    except RunsFailed as e:   # the other runs' rows are in the CSV
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
         sys.exit(code)
     except Exception as e:
         if world()[0] > 0:   # most often a peer died first, with its own message: one line here, not a traceback

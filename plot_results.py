@@ -47,6 +47,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 import common  # noqa: E402
 import harness  # noqa: E402
+import reuse  # noqa: E402
 import presets  # noqa: E402
 from harness import UsageError  # noqa: E402   bad input: one 'error:' line and exit code 2
 
@@ -727,7 +728,7 @@ def _value(v):
 
 
 # every Config field's default; a removed field at the value every run without its cfg_ cell had
-DEFAULTS = {**harness.RETIRED_FIELDS, "loss_form": "cos",
+DEFAULTS = {**reuse.RETIRED_FIELDS, "loss_form": "cos",
             **{f.name: f.default for f in dataclasses.fields(common.Config) if f.default is not dataclasses.MISSING}}
 # hooks that only log (exp_recovery.py's TrackedBYOL and recovery_metrics: a run with them repeats
 # one without digit for digit, results/README.md D2) and each hook's default, as the CSV names them

@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import pickle
+import platform
 import random
 import sys
 from pathlib import Path
@@ -421,6 +422,22 @@ def hardware_flags(device):
         torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+
+
+def machine(device):
+    """Where a run ran, for its rows (bitwise reruns hold only on the same): torch's version, the
+    CPU model and the ISA its kernels may use (oneDNN's cap, ONEDNN_MAX_CPU_ISA, where set), or the
+    GPU, and the thread count."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        try:
+            cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            cpu = platform.processor() or platform.machine()
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        where = f"{cpu} {torch.backends.cpu.get_cpu_capability()}" + (f" (oneDNN max {cap})" if cap else "")
+    return f"torch {torch.__version__}; {where}; {torch.get_num_threads()} thread(s)"
 
 
 def use_bf16(cfg, device):

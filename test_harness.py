@@ -19,6 +19,7 @@ import augment
 import common
 import conftest
 import harness
+import reuse
 import runtime
 
 ROOT = Path(__file__).resolve().parent
@@ -66,12 +67,12 @@ def test_script_smoke_writes_the_csv(script, tmp_path):
              for r in rows}
     for a in cells:
         assert all(cells[a][1] == cells[b][1] for b in cells if cells[a][0] == cells[b][0]), a
-    for k in harness.HOOKS:
+    for k in reuse.HOOKS:
         if any(k in mod.VARIANTS[v] for v in variants):
             assert {r["variant"]: r[f"cfg_{k}"] for r in rows} == {
-                v: harness.hook_name(mod.VARIANTS[v][k]) if k in mod.VARIANTS[v] else harness.HOOK_DEFAULTS[k]
+                v: reuse.hook_name(mod.VARIANTS[v][k]) if k in mod.VARIANTS[v] else reuse.HOOK_DEFAULTS[k]
                 for v in variants}
-    if script != "exp_table1_norms.py" and not any(set(harness.HOOKS) & set(mod.VARIANTS[v]) for v in variants):
+    if script != "exp_table1_norms.py" and not any(set(reuse.HOOKS) & set(mod.VARIANTS[v]) for v in variants):
         return
     # rerunning reuses the finished runs instead of duplicating them
     r = _run(args, tmp_path)
@@ -537,7 +538,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     assert ref.returncode == 0, ref.stderr
     p = conftest.popen(args + ["--out", str(tmp_path / "cut")], cwd=tmp_path, stdout=subprocess.PIPE)
     for line in p.stdout:
-        if line.strip().startswith("epoch   1"):
+        if "] epoch   1" in line:
             p.send_signal(signal.SIGKILL)          # a crash right after epoch 1 was checkpointed
             break
     p.wait()
@@ -681,7 +682,7 @@ def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
     ("exp_collapse_depth", "steps", "d1_lrB_b64", "results/steps/depth/collapse_depth_steps.csv")])
 def test_committed_results_hash_as_a_rerun_of_their_command(script, preset, variant, path):
     """The settings part of a rerun's hash (config_hash without the script's code) is the cfg_hash
-    in a committed CSV: the fields added since (harness.LATER_FIELDS) leave it alone at their
+    in a committed CSV: the fields added since (reuse.LATER_FIELDS) leave it alone at their
     defaults. The committed rows predate hashing the script's code, so a rerun now trains them
     again once (test_an_edit_anywhere_in_the_script_retrains covers the code part). (The older
     encoder_gn_cpu.csv rows predate the image_size field: results/README.md.)"""
@@ -690,7 +691,7 @@ def test_committed_results_hash_as_a_rerun_of_their_command(script, preset, vari
                                                                          "--device", "cpu"])
     _, configs, _ = harness.build_configs(args, mod.PRESETS, mod.VARIANTS)
     committed = {r["cfg_hash"] for r in csv.DictReader(open(ROOT / path)) if r["variant"] == variant}
-    assert committed == {harness.config_hash(configs[variant])}
+    assert committed == {reuse.config_hash(configs[variant])}
 
 
 def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkeypatch):
@@ -714,7 +715,7 @@ def test_a_smoke_run_draws_as_recorded_before_the_harness_split(tmp_path, monkey
                                                                          "--device", "cpu"])
     _, configs, _ = harness.build_configs(args, mod.PRESETS, mod.VARIANTS)
     cfg = dataclasses.replace(configs["byol"], epochs=1)
-    assert harness.config_hash(configs["byol"]) == "c1b1ecba3162"
+    assert reuse.config_hash(configs["byol"]) == "c1b1ecba3162"
     rows = common.train_byol(cfg)
     assert f"{rows[0]['probe_acc']:.6g}" == "26.9531"
     assert drawn[:2] == [([[7, 10, 25, 20], [8, 10, 24, 22], [10, 12, 19, 16]], [0, 1, 1, 1, 0, 0, 0, 1],
@@ -766,12 +767,12 @@ def test_an_edited_hook_retrains_and_an_unedited_one_reuses(tmp_path):
     script.write_text(HOOKED_SCRIPT.replace("FACTOR", "3.0"))   # the hook's code changed
     edited = run()
     assert edited.returncode == 0 and "reused" not in edited.stdout and "2 earlier run(s)" in edited.stdout
-    a, b = (harness.hook_identity(functools.partial(common.default_param_groups, lr_mult=m)) for m in ({"x": 1}, {"x": 2}))
+    a, b = (reuse.hook_identity(functools.partial(common.default_param_groups, lr_mult=m)) for m in ({"x": 1}, {"x": 2}))
     assert a != b
     namespace = {}
     exec("def made_by_exec(model, cfg):\n    return []", namespace)
     with pytest.raises(harness.UsageError, match="source code cannot be read"):
-        harness.hook_identity(namespace["made_by_exec"])
+        reuse.hook_identity(namespace["made_by_exec"])
 
 
 EDITED_SCRIPT = '''"""a copied script: a one-sided loss whose code reaches outside the hook"""
@@ -919,7 +920,7 @@ def test_source_digest_skips_docstrings_comments_and_the_grid_only(tmp_path):
 
     def digest(text):
         path.write_text(text)
-        return harness.source_digest(path)
+        return reuse.source_digest(path)
     ref = digest(DIGESTED)
     grid = 'VARIANTS["c"] = dict(lr=0.3)\nVARIANTS.update(d=dict())\nfor k in "ef":\n    VARIANTS[k] = {}\n'
     for same in (DIGESTED.replace('"""doc"""', '"""another doc"""'), DIGESTED.replace("# a comment", "# another"),
@@ -934,11 +935,11 @@ def test_script_identity_covers_the_repos_helpers_and_leaves_the_library_to_lib_
     """A helper module beside the library (instruments.py, imported by the appendix scripts) is in
     the reuse key; the library's modules are not: their edits are reported through lib_hash."""
     import instruments   # noqa: F401
-    code = harness.script_identity()
-    assert code["instruments.py"] == harness.source_digest(ROOT / "instruments.py")
-    assert {"common", "harness", "runtime", "augment", "presets"} <= set(harness.LIBRARY)
-    assert not {f"{m}.py" for m in harness.LIBRARY} & set(code)
-    assert all((ROOT / f"{m}.py").is_file() for m in harness.LIBRARY)
+    code = reuse.script_identity()
+    assert code["instruments.py"] == reuse.source_digest(ROOT / "instruments.py")
+    assert {"common", "harness", "runtime", "augment", "presets"} <= set(reuse.LIBRARY)
+    assert not {f"{m}.py" for m in reuse.LIBRARY} & set(code)
+    assert all((ROOT / f"{m}.py").is_file() for m in reuse.LIBRARY)
 
 
 def test_a_csv_from_before_the_code_columns_gains_them_and_others_are_refused(tmp_path, capsys):
@@ -1050,6 +1051,174 @@ def test_hooks_made_by_one_factory_read_apart_in_the_csv():
     """A closure's values are part of its cfg_<hook> name, as a partial's arguments are, so two
     variants built by one factory (exp_mechanism.py's decay_on) never share their cfg_* cells."""
     a, b = _decay_on("conv", "predictor."), _decay_on("predictor.")
-    assert harness.hook_name(a) == "_decay_on.<locals>.groups[prefixes=('conv', 'predictor.')]"
-    assert harness.hook_name(a) != harness.hook_name(b)
-    assert harness.hook_name(_decay_on) == "_decay_on"
+    assert reuse.hook_name(a) == "_decay_on.<locals>.groups[prefixes=('conv', 'predictor.')]"
+    assert reuse.hook_name(a) != reuse.hook_name(b)
+    assert reuse.hook_name(_decay_on) == "_decay_on"
+
+
+# ------------------------------------------------------- the grid on every core (executor.py)
+
+def _strip(rows, drop=("wall_s", "machine")):
+    return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows),
+                  key=lambda r: (r["variant"], r["seed"], int(r["epoch"])))
+
+
+def test_jobs_2_writes_the_rows_of_jobs_1_and_says_where_and_how_far(tmp_path):
+    """--jobs 2 trains two runs at once in worker processes; at one thread a run its rows are a
+    serial run's, whatever order they land in. Each epoch line names its run, the grid says runs
+    done / total and its wall time, each row where it ran (machine), and each run's final weights
+    are kept."""
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol,no_norm", "--seeds", "2",
+            "--set", "epochs=1"]
+    one = _run(args + ["--jobs", "1", "--out", str(tmp_path / "one")], tmp_path)
+    two = _run(args + ["--jobs", "2", "--out", str(tmp_path / "two")], tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = (_rows(tmp_path / d / "table1_smoke.csv") for d in ("one", "two"))
+    assert len(a) == 8 and _strip(a) == _strip(b)
+    assert "4 run(s) to train, 2 at a time, 1 thread(s) each" in two.stdout
+    assert "[no_norm seed 1] epoch   1" in two.stdout and "[grid] 4/4 runs done" in two.stdout
+    assert "[grid] 4 run(s) in" in two.stdout and "wall time (2 at a time" in two.stdout
+    assert all(r["machine"].startswith(f"torch {torch.__version__};") and r["machine"].endswith("; 1 thread(s)")
+               for r in b)
+    assert len(list((tmp_path / "two" / "weights").glob("table1_smoke_*.pt"))) == 4
+    weights = torch.load(next((tmp_path / "two" / "weights").glob("table1_smoke_byol_seed0_*.pt")))
+    assert "online_encoder.conv1.weight" in weights and "target_encoder.conv1.weight" in weights
+
+
+FAILING_SCRIPT = '''"""a copied script whose one variant fails in its second epoch"""
+import common
+import harness
+import presets
+
+
+class Fails(common.BYOL):
+    def after_step(self, step, out):
+        if step == 8:   # 8 steps an epoch at --smoke
+            raise RuntimeError("this variant fails")
+
+
+VARIANTS = {"fails": dict(model_fn=Fails), "fine": dict()}
+if __name__ == "__main__":
+    harness.main("failing", __doc__, presets.TABLE1_PRESETS, VARIANTS)
+'''
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failing_run_is_reported_and_the_others_land(tmp_path, jobs):
+    """One run raises: the grid goes on, the other run's rows land, and the command ends with one
+    error line naming the failed run, exit code 1."""
+    script = tmp_path / "exp_failing.py"
+    script.write_text(FAILING_SCRIPT)
+    r = conftest.run([sys.executable, str(script), "--smoke", "--set", "epochs=2", "--jobs", jobs, "--out",
+                      str(tmp_path)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: 1 of 2 run(s) failed: fails seed 0: RuntimeError: "
+                                                 "this variant fails")
+    assert {row["variant"] for row in _rows(tmp_path / "failing_smoke.csv")} == {"fine"}
+
+
+def test_ctrl_c_stops_every_worker_and_the_same_command_resumes(tmp_path):
+    """^C during a --jobs 2 grid: the command stops with exit 130, no worker process is left, and
+    the checkpoints let the same command continue both runs to an uninterrupted grid's rows."""
+    import signal
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol,no_norm", "--set", "epochs=4",
+            "--jobs", "2"]
+    ref = _run(args + ["--out", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    cut = tmp_path / "cut"
+    p = conftest.popen([sys.executable, *args, "--out", str(cut)], cwd=tmp_path, stdout=subprocess.PIPE)
+    seen = set()
+    for line in p.stdout:   # both runs have checkpointed epoch 1
+        if "] epoch   1" in line:
+            seen.add(line.split("]")[0])
+        if len(seen) == 2:
+            p.send_signal(signal.SIGINT)
+            break
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130
+    workers = subprocess.run(["pgrep", "-f", f"{cut}"], capture_output=True, text=True).stdout.split()
+    assert workers == [] and len(list((cut / "checkpoints").glob("*.pt"))) == 2
+    again = _run(args + ["--out", str(cut)], tmp_path)
+    assert again.returncode == 0 and again.stdout.count("resuming from the checkpoint after epoch") == 2, again.stderr
+    assert _strip(_rows(cut / "table1_smoke.csv")) == _strip(_rows(tmp_path / "ref" / "table1_smoke.csv"))
+
+
+def test_bad_grid_flags_exit_2_with_one_line(tmp_path, capsys):
+    for args, message in ((["--jobs", "0"], "--jobs must be >= 1"), (["--threads", "-1"], "--threads must be >= 1"),
+                          (["--shard", "2/2"], "K must be in 0..N-1"), (["--shard", "x"], "give K/N"),
+                          (["--device", "cpu,meta"], "--device")):
+        code, err = _main_in_process(["--smoke", "--out", str(tmp_path), *args], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_shards_merge_to_the_whole_grid(tmp_path):
+    """A cluster's job array (docs/runs.md): --shard K/N runs every N-th (variant, seed) from the
+    K-th, each shard into its own --out; merge_results.py gives the unsharded grid's rows."""
+    args = [str(ROOT / "exp_table1_norms.py"), "--smoke", "--variants", "byol,no_norm,random", "--seeds", "1",
+            "--set", "epochs=1", "--jobs", "1"]
+    for k in (0, 1):
+        r = _run(args + ["--shard", f"{k}/2", "--out", str(tmp_path / f"shard{k}")], tmp_path)
+        assert r.returncode == 0, r.stderr
+    assert {r["variant"] for r in _rows(tmp_path / "shard0" / "table1_smoke.csv")} == {"byol", "random"}
+    whole = _run(args + ["--out", str(tmp_path / "whole")], tmp_path)
+    merged = _run([str(ROOT / "merge_results.py"), str(tmp_path / "shard0" / "table1_smoke.csv"),
+                   str(tmp_path / "shard1" / "table1_smoke.csv"), "--out", str(tmp_path / "merged.csv")], tmp_path)
+    assert whole.returncode == 0 and merged.returncode == 0, whole.stderr + merged.stderr
+    assert _strip(_rows(tmp_path / "merged.csv")) == _strip(_rows(tmp_path / "whole" / "table1_smoke.csv"))
+
+
+LAZY_SCRIPT = '''"""a copied script: one variant's encoder comes from a module imported while it trains"""
+import common
+import harness
+import presets
+
+
+class Lazy(common.BYOL):
+    def build_encoder(self, cfg, image_size):
+        from pkg.lazy import make   # imported only once the run has started
+        return make(cfg)
+
+
+class Other(common.BYOL):
+    LR_MULT = {"predictor.": FACTOR}
+
+
+VARIANTS = {"lazy": dict(model_fn=Lazy), "other": dict(model_fn=Other), "plain": dict()}
+if __name__ == "__main__":
+    harness.main("lazy", __doc__, presets.TABLE1_PRESETS, VARIANTS)
+'''
+LAZY_MODULE = '''import common
+
+
+def make(cfg):
+    return common.ResNet(cfg.width, cfg.stem, "NORM", cfg.gn_groups, cfg.depth)
+'''
+
+
+def test_the_reuse_key_sees_a_lazy_import_and_an_edit_retrains_only_its_variant(tmp_path):
+    """Issue 43: a module imported inside a hook while the run trains is recorded with the run
+    (late_code) and checked on reuse, so an edit of it retrains that run; an edit of one variant's
+    class in the script retrains that variant alone."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    script, lazy = tmp_path / "exp_lazy.py", tmp_path / "pkg" / "lazy.py"
+    script.write_text(LAZY_SCRIPT.replace("FACTOR", "2.0"))
+    lazy.write_text(LAZY_MODULE.replace("NORM", "bn"))
+
+    def run():
+        r = conftest.run([sys.executable, str(script), "--smoke", "--set", "epochs=1", "--jobs", "3", "--out",
+                          str(tmp_path)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    run()   # a process a run: each records what it imported itself (in one process, what earlier runs did too)
+    late = {r["variant"]: r["late_code"] for r in _rows(tmp_path / "lazy_smoke.csv") if r["epoch"] == "1"}
+    assert "pkg/lazy.py=" in late["lazy"] and late["other"] == late["plain"] == ""
+    assert "reused 3 finished run(s)" in run()
+    lazy.write_text(LAZY_MODULE.replace("NORM", "gn"))   # the lazily imported encoder changed
+    out = run()
+    assert "1 finished run(s) imported code while training that has changed since (pkg/lazy.py)" in out
+    assert "reused 2 finished run(s)" in out and "[lazy seed 0] epoch   1" in out
+    assert len([r for r in _rows(tmp_path / "lazy_smoke.csv") if r["variant"] == "lazy"]) == 2   # replaced
+    script.write_text(LAZY_SCRIPT.replace("FACTOR", "3.0"))   # only Other's code changed
+    out = run()
+    assert "reused 2 finished run(s)" in out and "[other seed 0] epoch   1" in out and "[plain seed 0] epoch" not in out
