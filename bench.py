@@ -10,10 +10,18 @@ Measures, for a preset of exp_table1_norms.py (default: cpu on a CPU, cifar10 on
 and ends with one line per memory format: memory_format=... step_img_s=... bound_img_s=... ratio=...
 aug_img_s=... probe_s=... probe_std_s=... (--memory-format both: channels_last and NCHW in one run).
 
+--grid measures what --jobs gains (executor.py) on a CPU, for the steps and cpu presets (or
+--preset): the training steps per second of one run on every core (--jobs 1) against one run a
+core, all at once (--jobs = cores), each timed in steady state (after warm-up, started together;
+a run's few seconds of process start are left out, against the hour a steps-preset run takes). It
+ends with grid_ratio=<the steps preset's ratio> (or the one preset's).
+
     python bench.py                      # cpu preset here
     python bench.py --preset cifar10 --steps 50
+    python bench.py --grid --steps 200   # results/bench_grid.txt
 """
 import argparse
+import multiprocessing
 import sys
 import time
 
@@ -21,6 +29,7 @@ import torch
 
 import augment
 import common
+import executor
 import harness
 import presets
 
@@ -80,6 +89,51 @@ def measure(cfg, device, fmt, steps):
     return t_step, t_bound, t_aug
 
 
+def grid_worker(preset, threads, steps, start, out):
+    """One run's steps in a process of its own, on `threads` threads, timed from `start` (a barrier)."""
+    torch.set_num_threads(threads)
+    cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic"}, device="cpu")
+    size = cfg.image_size or 32
+    s, gen = common.build(cfg, torch.device("cpu"), image_size=size), torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4 * cfg.batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
+
+    def step():
+        views = s.model.views(x[torch.randint(0, len(x), (cfg.batch_size,), generator=gen)], gen)
+        common.train_step(s, views, cfg.base_tau, 0)
+    for _ in range(3):
+        step()
+    start.wait()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    out.put(time.perf_counter() - t)
+
+
+def grid_rate(preset, jobs, threads, steps):
+    """Steps per second of `jobs` runs at once, `threads` each, over all of them."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(jobs), ctx.Queue()
+    procs = [ctx.Process(target=grid_worker, args=(preset, threads, steps, start, out)) for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    times = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return jobs * steps / max(times)
+
+
+def grid(presets_, steps):
+    n = executor.cores()
+    ratios = {}
+    for preset in presets_:
+        one = grid_rate(preset, 1, n, steps)
+        many = grid_rate(preset, n, 1, steps)
+        ratios[preset] = many / one
+        print(f"preset {preset}: --jobs 1 ({n} threads) {one:.2f} steps/s; --jobs {n} (1 thread each) {many:.2f} "
+              f"steps/s, {many / n:.2f} a run; ratio {many / one:.2f}", flush=True)
+    print(f"grid_ratio={ratios.get('steps', next(iter(ratios.values()))):.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS))
@@ -88,6 +142,7 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--grid", action="store_true", help="--jobs 1 against --jobs = cores, steps and cpu presets")
     p.add_argument("--memory-format", default="auto", choices=["auto", *FORMATS, "both"],
                    help="of the convolutions; auto: what training uses (common.conv_format); both: "
                         "measure channels_last and contiguous (NCHW) one after the other")
@@ -99,6 +154,11 @@ def main():
     except harness.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.grid:
+        if device.type != "cpu":
+            print("error: --grid measures CPU runs (on GPUs --jobs is a run a device)", file=sys.stderr)
+            sys.exit(2)
+        return grid([args.preset] if args.preset else ["steps", "cpu"], args.steps)
     preset = args.preset or ("cifar10" if device.type == "cuda" else "cpu")
     cfg = common.Config(**{**PRESETS[preset], "dataset": "synthetic" if preset != "blog" else "stl10"},
                         device=str(device), compile=args.compile, precision=args.precision)

@@ -18,7 +18,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-SMALL_PRESETS = ("cpu", "steps", "smoke")   # narrow networks: one thread a run beats threads in one run
+# narrow networks: one thread a run beats threads in one run (--smoke's runs take seconds, less than
+# a worker's start: they run here, one after another)
+SMALL_PRESETS = ("cpu", "steps")
 
 
 def cores():
@@ -28,8 +30,8 @@ def cores():
 
 def plan(jobs, threads, devices, cuda, preset, n_runs):
     """(jobs, threads a run) for n_runs runs. jobs: --jobs or None, the default: on GPUs one run a
-    listed device; on a CPU, one run a core for the small presets when there are 2 or more runs,
-    else 1. threads: --threads, else $OMP_NUM_THREADS, else the cores over the jobs."""
+    listed device; on a CPU, one run a core for the cpu and steps presets when there are 2 or more
+    runs, else 1. threads: --threads, else $OMP_NUM_THREADS, else the cores over the jobs."""
     if jobs is None:
         jobs = len(devices) if cuda else (min(n_runs, cores()) if preset in SMALL_PRESETS and n_runs > 1 else 1)
     jobs = max(1, min(jobs, n_runs))

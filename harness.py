@@ -394,7 +394,7 @@ def train_one(run):
         return built[-1]
     common.train_byol(run.cfg, on_epoch=log, data=data, checkpoint=Checkpoints(run.ckpt), device=device,
                       model_fn=model_fn)
-    if run.keep_weights and world()[0] == 0:
+    if run.keep_weights and built and world()[0] == 0:
         Path(run.keep_weights).parent.mkdir(parents=True, exist_ok=True)
         torch.save(built[0].state_dict(), run.keep_weights)
     late = ";".join(f"{f}={d}" for f, d in script_identity().items() if f not in (run.code or {}))
@@ -451,12 +451,14 @@ def run_grid(exp, args, presets, variants, blog=None, extra_columns=(), extra_va
         jobs, threads = executor.plan(args.jobs or (1 if group.size > 1 else None), args.threads, devices,
                                       get_device(devices[0]).type == "cuda", preset, len(todo))
         data = None
-        if todo and (jobs == 1 or args.download):
+        if todo:
             if args.download and group.rank > 0:
                 group.barrier()   # rank 0 downloads first
             data = load_data(cfg0.dataset, args.data_dir, args.download)
             if args.download and group.rank == 0:
                 group.barrier()
+            for name in {name for _, name in todo}:   # every run's config against the data, before any trains
+                check_config(configs[name], common.MLP_NORMS, data)
         runs = []
         for seed, name in todo:
             cfg = dataclasses.replace(configs[name], seed=seed)

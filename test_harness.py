@@ -20,6 +20,7 @@ import common
 import conftest
 import harness
 import reuse
+import verdicts
 import runtime
 
 ROOT = Path(__file__).resolve().parent
@@ -484,7 +485,7 @@ def test_results_table_is_mean_and_sample_std_and_keeps_small_values(tmp_path):
         w.writerow(["x", "wd", 0, 8, 1e-7, 20.0, 0.99999, 0.99999, 5e-5])
         w.writerow(["x", "wd", 1, 7, 1e-7, 99.0, 0.5, 0.5, 1.0])     # not the last epoch: left out
         w.writerow(["x", "wd", 1, 8, 1e-7, 22.0, 0.99999, 0.99999, 4e-5])
-    row = plot_results.table(path).splitlines()[2]
+    row = verdicts.table(plot_results.read_results(path)).splitlines()[2]
     # probe 21.0 ± sqrt(2); z_std 4.5e-5 ± 7.07e-6 must not print as 0.0000 ± 0.0000
     assert row == "| wd | 8 | 2 | 21.0 ± 1.4 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 4.5e-05 ± 7.1e-06 |"
 
@@ -661,7 +662,7 @@ def test_recovery_table_reads_collapse_recovery_and_the_decay_clock(tmp_path):
             w.writerow(dict(variant="v", seed=0, epoch=e, loss=1e-3 if e else "", probe_acc=probe[e] or "",
                             probe_standardized=std_probe[e] or "", pos_cos=neg[e] or "", neg_cos=neg[e] or "",
                             lr=0.5 if e else "", cfg_weight_decay=1e-3, cfg_momentum=0.8))
-    cells = plot_results.recovery(path, 10).splitlines()[2].split(" | ")
+    cells = verdicts.recovery(path, 10).splitlines()[2].split(" | ")
     # 5 epochs x 10 steps at lr 0.5, wd 1e-3: 0.025, and 0.025 / (1 - 0.8) = 0.125 e-folds (0.13: float rounding of 1 - 0.8)
     assert cells[1:8] == ["0", "50", "0.025", "0.13", "2", "0.6000 (ep 5)", "5"]
     assert cells[8:10] == ["20.0 / 30.0 / 30.0", "21.0 / 26.0 / 26.0"]
@@ -1222,3 +1223,27 @@ def test_the_reuse_key_sees_a_lazy_import_and_an_edit_retrains_only_its_variant(
     script.write_text(LAZY_SCRIPT.replace("FACTOR", "3.0"))   # only Other's code changed
     out = run()
     assert "reused 2 finished run(s)" in out and "[other seed 0] epoch   1" in out and "[plain seed 0] epoch" not in out
+
+
+def test_reproduce_prints_its_plan_and_compares_verdicts(tmp_path):
+    """reproduce.py --dry-run: the plan read off the committed CSVs, each command with its runs and
+    the CPU-hours they took, and the ETA at --jobs; a bad --only exits 2 in one line; agreement()
+    counts equal statuses and verdicts."""
+    import reproduce
+    r = _run([str(ROOT / "reproduce.py"), "--dry-run", "--only", "t1,d3", "--jobs", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("plan: 4 commands, 32 runs, ") and "ETA at --jobs 2: " in first
+    assert ("exp_table1_norms.py --preset cpu --epochs 12 --variants byol,contrastive,layer_norm,no_norm,pred_bn_only,"
+            "proj_bn_only --seeds 0,1,2, --out runs/reproduce") in r.stdout
+    assert "exp_lars.py --preset steps --epochs 130 --variants gn4_lars_layer12 --seeds 0,1, --out " \
+           "runs/reproduce/steps/d3_shallow/long" in r.stdout
+    bad = _run([str(ROOT / "reproduce.py"), "--dry-run", "--only", "t9"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown finding(s) t9" in bad.stderr
+    cols = ["finding", "variant", "seed", "status", "finding_verdict"]
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    harness.rewrite_rows(old, cols, [dict(finding="A", variant="a", seed="0", status="met", finding_verdict="x"),
+                                     dict(finding="A", variant="a", seed="1", status="met", finding_verdict="x")])
+    harness.rewrite_rows(new, cols, [dict(finding="A", variant="a", seed="0", status="met", finding_verdict="y"),
+                                     dict(finding="A", variant="a", seed="1", status="not met", finding_verdict="y")])
+    assert reproduce.agreement(new, old)[:4] == (1, 2, 0, 1)

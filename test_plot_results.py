@@ -1,7 +1,9 @@
-"""Tests of plot_results.py: its command line (--help, --out, nothing written by a failed call),
-the figures' titles, legend, seed bands and line styles, the Table 1 figure beside the blog's
-numbers, and the recovery figures with their recovered-fraction table checked against a hand
-computation. Synthetic CSVs or the committed ones (read only); every figure goes to tmp_path."""
+"""Tests of plot_results.py and verdicts.py: the command line (--help, --out, nothing written by a
+failed call), the figures' titles, legend, seed bands and line styles, the Table 1 figure beside
+the blog's numbers, the recovery figures with their recovered-fraction table checked against a
+hand computation; the rule (C, D, T, N), the noise between independent reruns by window means,
+the verdicts seed by seed, and the committed noise.csv and verdicts.csv recomputed. Synthetic CSVs
+or the committed ones (read only); every output goes to tmp_path."""
 import csv
 import shutil
 import sys
@@ -11,6 +13,7 @@ import pytest
 
 import conftest
 import plot_results
+import verdicts
 
 ROOT = Path(__file__).resolve().parent
 TABLE1 = ROOT / "results" / "table1_cpu.csv"
@@ -126,8 +129,7 @@ def test_recovery_figures_and_the_fraction_by_hand(tmp_path):
     out = tmp_path / "figs"
     r = _plot_cli(["--recovery", a, b, "--out", out], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["noise.csv", "recovery_c1.png", "recovery_d1.png",
-                                                    "recovery_fraction.csv", "verdicts.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["recovery_c1.png", "recovery_d1.png", "recovery_fraction.csv"]
     rows = {(r["variant"], r["seed"], r["epoch"]): r for r in csv.DictReader(open(out / "recovery_fraction.csv"))}
     assert set(rows) == {("c1", "0", "2"), ("c1", "0", "4"), ("c1", "1", "2"), ("c1_all_decay", "0", "2")}
     assert float(rows[("c1", "0", "2")]["recovered_fraction"]) == pytest.approx((25 - 20) / (40 - 20))   # 0.25
@@ -164,10 +166,10 @@ def test_recovery_figure_marks_the_blog_and_names_the_borrowed_reference(monkeyp
 
 def test_the_blogs_c1_fractions_are_spec_md_readings():
     """SPEC.md section 3, C1's table: (SGD no-BN-MLP - 28.0) / (SGD BN-MLP - 28.0)."""
-    got = {e: round(f, 2) for e, f in plot_results.BLOG_C1_FRACTION}
+    got = {e: round(f, 2) for e, f in verdicts.BLOG_C1_FRACTION}
     assert (got[20], got[30], got[100], got[319]) == (0.42, 0.70, 0.79, 0.83)
     # D1's 56 and D2's 51 over the GN runs' untrained 33.8 and GN + BN-MLP 75.1: the issue's 0.54 and 0.42
-    assert [round(plot_results.BLOG_D_FRACTION[f][0][1], 2) for f in ("d1", "d2")] == [0.54, 0.42]
+    assert [round(verdicts.BLOG_D_FRACTION[f][0][1], 2) for f in ("d1", "d2")] == [0.54, 0.42]
 
 
 def _runs(spec):
@@ -178,13 +180,14 @@ def _runs(spec):
 
 def test_window_is_the_last_20_percent():
     pts = [(e, e) for e in range(0, 11)]
-    assert plot_results.in_window(pts, 10) == [(9, 9), (10, 10)]   # epochs > 8.0
-    assert [e for e, _ in plot_results.in_window([(e, 0) for e in range(0, 527, 5)] + [(526, 0)], 526)][:2] == [425, 430]
+    assert verdicts.in_window(pts, 10) == [(9, 9), (10, 10)]   # epochs > 8.0
+    assert [e for e, _ in verdicts.in_window([(e, 0) for e in range(0, 527, 5)] + [(526, 0)], 526)][:2] == [425, 430]
+    assert verdicts.in_window(pts, 5) == [(5, 5)]   # a longer run judged over a shorter one's window
 
 
 def test_c_rule_met_not_met_and_within_noise():
     """Recovered fraction, delta 0.1: met needs mean >= 0.6 and 80% of evaluations >= 0.5."""
-    judge = lambda vals, delta=0.1: plot_results.judge_c(list(enumerate(vals)), delta)   # noqa: E731
+    judge = lambda vals, delta=0.1: verdicts.judge("C", list(enumerate(vals)), [(0, 0.5)], delta, 0.0)   # noqa: E731
     # the last evaluation fails (0.45) but the mean passes and 4 of 5 are >= 0.5: met
     j = judge([0.8, 0.8, 0.8, 0.8, 0.45])
     assert j["status"] == "met" and j["share"] == 0.8 and j["min"] == 0.45 and j["mean"] == pytest.approx(0.73)
@@ -199,21 +202,39 @@ def test_c_rule_met_not_met_and_within_noise():
 
 def test_d_rule_met_not_met_and_within_noise():
     """Negative cosine and probe gain, delta 3 points: met needs 80% of epochs at <= 0.9 and a mean
-    gain >= 8; not met: mean neg. cos > 0.9 or mean gain <= 2."""
-    def judge(negs, gains, delta=3.0):
-        return plot_results.judge_d(list(enumerate(gains)), list(enumerate(negs)), delta)["status"]
+    gain >= 8; not met: mean neg. cos > 0.9 + the cosine band or mean gain <= 2."""
+    def judge(negs, gains, delta=3.0, band=0.0):
+        return verdicts.judge("D", list(enumerate(gains)), list(enumerate(negs)), delta, band)["status"]
     held = [0.8] * 8 + [0.95] * 2   # 80% at <= 0.9, mean 0.83
     assert judge(held, [9.0, 9.0, 7.5]) == "met"   # the last evaluation (7.5) under 8, the mean (8.5) over
     assert judge([0.8] * 7 + [0.95] * 3, [12.0]) == "within noise"   # share 70%, mean 0.845 <= 0.9
     assert judge([0.95] * 10, [12.0]) == "not met"                     # mean neg. cos > 0.9
     assert judge(held, [1.5, 2.5]) == "not met"                        # mean gain 2.0 <= 5 - 3
     assert judge(held, [6.0]) == "within noise"                        # 2 < gain < 8
-    j = plot_results.judge_d([(0, 4.0), (1, 6.0)], [(0, 0.5), (1, 1.0)], 1.0)
+    assert judge([0.92] * 10, [12.0], band=0.03) == "within noise"     # mean 0.92 inside 0.9 + the band
+    assert judge([0.92] * 10, [12.0], band=0.01) == "not met"
+    j = verdicts.judge("D", [(0, 4.0), (1, 6.0)], [(0, 0.5), (1, 1.0)], 1.0, 0.0)
     assert (j["mean"], j["min"], j["max"], j["share"], j["neg_cos_mean"]) == (5.0, 4.0, 6.0, 0.5, 0.75)
 
 
+def test_t_and_n_rules_for_table1_and_lars():
+    """T (Table 1): learned at a window-mean gain >= 5 + delta; collapsed at a window-mean neg. cos
+    >= 0.999 and gain <= 5 - delta; else within noise. N: never collapsed, or collapsed."""
+    def t(gains, negs, delta=1.0):
+        return verdicts.judge("T", list(enumerate(gains)), list(enumerate(negs)), delta, 0.0)["status"]
+    assert t([12.0, 11.0], [0.3, 0.3]) == "learned" and t([5.5], [0.9]) == "within noise"
+    assert t([-8.0], [0.9999]) == "collapsed" and t([-8.0], [0.99]) == "within noise"   # not at the cosine
+    spec = dict(finding="N", family="c1", kind="N", variant="v", blog="never collapsed", healthy=None, collapse=False,
+                csv="r.csv")
+    src = _source("r.csv", {("v", 0): [(0, 20.0, None), (1, None, 0.88), (8, 30.0, 0.95)],
+                            ("v", 1): [(0, 20.0, None), (1, None, 0.9991)]})
+    rows = verdicts.verdicts([spec], {"r.csv": src}, {})
+    assert [r["status"] for r in rows] == ["never collapsed", "collapsed"]
+    assert rows[0]["finding_verdict"] == "partly, 1 of 2"
+
+
 def test_finding_verdict_wording():
-    v = plot_results.finding_verdict
+    v = verdicts.finding_verdict
     assert v(["met", "met"]) == "reproduces, 2 of 2 seeds"
     assert v(["met", "within noise"]) == "partly, 1 of 2, 1 within noise"
     assert v(["not met", "within noise", "not met"]) == "does not reproduce, 0 of 3, 1 within noise"
@@ -228,67 +249,66 @@ NOISE_COLS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos",
 
 
 def _noise_csv(path, runs, extra=None):
-    """runs: {(variant, seed): (cfg_hash, cfg_lr, [probe at epochs 0, 2, 4], lr at epoch 1)}; a row an
-    epoch 0-4, the lr falling slowly from there; *_healthy runs have BN in both MLPs, the others none;
-    extra: {column: value} in every row."""
+    """runs: {(variant, seed): (cfg_hash, cfg_lr, [probe at epochs 0, 2, 4, ..., 10], lr at epoch 1)};
+    a row an epoch 0-10, the negative cosine 0.5 from epoch 2 (0.9999 at 1), the lr falling slowly;
+    *_healthy runs have BN in both MLPs, the others none; extra: {column: value} in every row."""
     extra = extra or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(NOISE_COLS + list(extra))
         for (v, seed), (h, lr, probes, lr1) in runs.items():
             norm = "bn" if v.endswith("_healthy") else "none"
-            for e in range(5):
+            for e in range(11):
                 probe = probes[e // 2] if e % 2 == 0 else ""
-                w.writerow(["x", v, seed, e, "" if e == 0 else 0.1, probe, 0.9, 0.9999 if e == 1 else 0.5,
+                w.writerow(["x", v, seed, e, "" if e == 0 else 0.1, probe, 0.9, 0.9999 if e == 1 else 0.5 + e / 1000,
                             "" if e == 0 else lr1 - 1e-4 * e, "" if e == 0 else 0.996, h, lr, 4e-4, norm, norm,
                             *extra.values()])
 
 
-def test_noise_finds_the_runs_of_the_same_seed_and_settings(tmp_path):
+def test_noise_is_the_difference_of_window_means_between_independent_runs(tmp_path):
     """A tiny case: a:c1 seed 0 and b:x seed 0 are the same settings (b lacks cfg_model_fn and
-    cfg_encoder_norm: the preset's values, which a's are) and the same logged schedule: their one pair.
-    Not pairs: another seed, another lr, another logged lr, a copy (the same cfg_hash), and a CSV
-    whose name gives no preset. The delta is the largest |difference| by hand."""
+    cfg_encoder_norm: the preset's values, which a's are) and the same logged schedule: an
+    independent pair, judged over the window of epochs 9-10 (evaluated: 10). c: a copy of a's run,
+    equal at every epoch: listed as the same computation, not used. Not pairs: another seed, another
+    lr, another logged lr, a CSV whose name gives no preset, runs no finding judges."""
     a, b, c, d = tmp_path / "a_steps.csv", tmp_path / "b_steps.csv", tmp_path / "c_steps.csv", tmp_path / "d.csv"
-    _noise_csv(a, {("c1", 0): ("h0", 0.2, [20.0, 25.0, 30.0], 0.2), ("c1_healthy", 0): ("hh", 0.2, [20.0, 40.0, 45.0], 0.2),
-                   ("c1", 1): ("h1", 0.2, [22.0, 26.0, 28.0], 0.2)},
+    base = [20.0, 22.0, 24.0, 26.0, 28.0]
+    _noise_csv(a, {("c1", 0): ("h0", 0.2, base + [30.0], 0.2), ("c1_healthy", 0): ("hh", 0.2, [20.0] + [45.0] * 5, 0.2),
+                   ("c1", 1): ("h1", 0.2, base + [28.0], 0.2)},
                extra={"cfg_model_fn": "TrackedBYOL", "cfg_encoder_norm": "bn"})
-    _noise_csv(b, {("x", 0): ("hx", 0.2, [20.0, 27.0, 29.0], 0.2),    # gain: |5 - 7| = 2 at epoch 2; fraction 0.1
-                   ("x", 1): ("hx1", 0.1, [22.0, 30.0, 31.0], 0.1),   # another lr
-                   ("y", 0): ("hy", 0.2, [20.0, 35.0, 35.0], 0.3)})   # the same settings, another logged lr
-    _noise_csv(c, {("c1", 0): ("h0", 0.2, [20.0, 25.0, 30.0], 0.2)})  # a copy of a's run
-    _noise_csv(d, {("z", 0): ("hz", 0.2, [20.0, 35.0, 35.0], 0.2)})   # no preset in the name
-    sources = {str(p): dict(label=p.name, runs=plot_results.read_runs([p])) for p in (a, b, c, d)}
-    pairs = plot_results.noise_pairs(sources)
-    got = {(r["quantity"], r["csv_a"], r["variant_a"], r["csv_b"], r["variant_b"], r["seed"]): (r["max_abs_diff"], r["at_epoch"])
-           for r in pairs}
-    assert got == {("probe_gain", "a_steps.csv", "c1", "b_steps.csv", "x", 0): (2.0, 2),
-                   ("recovered_fraction", "a_steps.csv", "c1", "b_steps.csv", "x", 0): (0.1, 2)}
-    assert [r["healthy"] for r in pairs if r["quantity"] == "recovered_fraction"] == ["a_steps.csv:c1_healthy"]
-    delta, rows = plot_results.noise_delta(pairs, sources)
-    assert delta == {"recovered_fraction": 0.1, "probe_gain": 2.0} and [r["kind"] for r in rows] == ["delta", "delta"]
-    # a quantity without a pair takes the other's delta over the mean healthy gain (45 - 20 = 25 points)
-    delta, rows = plot_results.noise_delta([r for r in pairs if r["quantity"] == "probe_gain"], sources)
-    assert delta["recovered_fraction"] == pytest.approx(2.0 / 25) and "scaled" in rows[0]["note"]
-    # --noise writes the pairs and the deltas
-    r = _plot_cli(["--noise", a, b, "--out", tmp_path / "o"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    kinds = [row["kind"] for row in csv.DictReader(open(tmp_path / "o" / "noise.csv"))]
-    assert kinds.count("delta") == 2 and "delta, probe_gain" in r.stdout
+    _noise_csv(b, {("x", 0): ("hx", 0.2, base + [33.0], 0.2),       # gain 13 against 10; fraction 13/25 against 10/25
+                   ("x", 1): ("hx1", 0.1, base + [31.0], 0.1),      # another lr
+                   ("y", 0): ("hy", 0.2, base + [35.0], 0.3)})      # the same settings, another logged lr
+    _noise_csv(c, {("c1", 0): ("h0", 0.2, base + [30.0], 0.2)})     # a copy of a's run
+    _noise_csv(d, {("z", 0): ("hz", 0.2, base + [35.0], 0.2)})      # no preset in the name
+    sources = {p.name: dict(label=p.name, runs=verdicts.read_runs([p])) for p in (a, b, c, d)}
+    findings = [dict(csv="a_steps.csv", variant="c1", family="c1", healthy=("a_steps.csv", "c1_healthy"))]
+    pairs = verdicts.noise_pairs(sources, findings)
+    got = {(r["kind"], r.get("quantity"), r["csv_b"], r["variant_b"], r["seed"]): r.get("window_mean_diff") for r in pairs}
+    assert got == {("pair", "probe_gain", "b_steps.csv", "x", 0): pytest.approx(3.0),
+                   ("pair", "recovered_fraction", "b_steps.csv", "x", 0): pytest.approx(3.0 / 25),
+                   ("pair", "neg_cos", "b_steps.csv", "x", 0): 0.0,
+                   ("same", None, "c_steps.csv", "c1", 0): None}
+    assert {r["window_epochs"] for r in pairs if r["kind"] == "pair"} == {"10-10", "9-10"}
+    delta, rows = verdicts.noise_delta(pairs, ["c1", "d1"])
+    assert delta[("c1", "probe_gain")] == pytest.approx(3.0) and delta[("d1", "probe_gain")] == pytest.approx(3.0)
+    assert "no independent pair in this family" in next(r["note"] for r in rows if r["family"] == "d1")
 
 
 def _source(label, spec):
     return dict(label=label, runs=_runs(spec))
 
 
-def test_verdicts_seed_by_seed_with_their_reasons(monkeypatch):
+def _spec(name, kind, variant, healthy=None, blog="met", collapse=True):
+    return dict(finding=name, family="c1", kind=kind, variant=variant, blog=blog, collapse=collapse,
+                csv="r", healthy=("r", healthy) if healthy else None)
+
+
+def test_verdicts_seed_by_seed_with_their_reasons():
     """The rule end to end on hand-made runs: the window is the last 20% of each run; a seed that
     never collapsed, a C-type run with no healthy reference and a seed without its own healthy run
     are not judged (said so), not given a borrowed reference."""
-    monkeypatch.setattr(plot_results, "FINDINGS_JUDGED", [
-        plot_results.finding("C", "C", "r", "c1", ("r", "c1_healthy")),
-        plot_results.finding("C no ref", "C", "r", "c2"),
-        plot_results.finding("D", "D", "r", "d1")])
+    findings = [_spec("C", "C", "c1", "c1_healthy"), _spec("C no ref", "C", "c2"), _spec("D", "D", "d1")]
     healthy = [(0, 20.0, None)] + [(e, 40.0, 0.3) for e in range(1, 11)]
     src = _source("r.csv", {
         ("c1_healthy", 0): healthy,
@@ -298,8 +318,8 @@ def test_verdicts_seed_by_seed_with_their_reasons(monkeypatch):
         ("c2", 0): [(0, 20.0, None), (2, None, 0.9999), (10, 40.0, 0.9)],
         ("d1", 0): [(0, 15.0, None), (2, None, 0.9999), (8, None, 0.85), (9, 25.0, 0.85), (10, 25.0, 0.95)],
     })
-    rows = {(r["variant"], r["seed"]): r for r in plot_results.verdicts({"r": src}, {"recovered_fraction": 0.1,
-                                                                                     "probe_gain": 2.0})}
+    delta = {("c1", "recovered_fraction"): 0.1, ("c1", "probe_gain"): 2.0, ("c1", "neg_cos"): 0.0}
+    rows = {(r["variant"], r["seed"]): r for r in verdicts.verdicts(findings, {"r": src}, delta)}
     c = rows[("c1", 0)]
     # window: epochs > 8 (9 and 10): 0.7 and 0.45, mean 0.575 < 0.6: within noise; at delta 0.05, 50% share: still
     assert (c["status"], c["window_epochs"], c["n_evaluations"], c["evaluations"]) == ("within noise", "9-10", 2, "9:0.7 10:0.45")
@@ -311,20 +331,20 @@ def test_verdicts_seed_by_seed_with_their_reasons(monkeypatch):
     assert (d["status"], d["share_passing"], d["window_mean"]) == ("within noise", 0.5, 10.0)
     assert c["finding_verdict"] == "does not reproduce, 0 of 1, 1 within noise; 2 no healthy reference: not judged; " \
                                    "never collapsed in 1 of 3 seeds"
-    report = plot_results.verdict_report(list(rows.values()), [])
-    assert "| C | c1 | 0 | 2 | 9-10 | 2 | fraction 0.575 (0.450-0.700) | 50% |" in report
+    report = verdicts.report(list(rows.values()), [])
+    assert "| C | c1 | 0 | 2 | 9-10 | 2 | recovered_fraction 0.575 (0.450-0.700) | 50% |" in report
 
 
 def test_the_committed_verdicts_recompute(tmp_path):
-    """verdicts.csv and noise.csv in results/steps/recovery are what --recovery gives today from the
-    committed CSVs (rerun: python plot_results.py --recovery results/steps/recovery/recovery_steps.csv
-    --out DIR, and copy the two files)."""
-    rows, pairs, delta = plot_results.judge_all([ROOT / plot_results.RECOVERY_CSV], tmp_path)
-    committed = ROOT / "results" / "steps" / "recovery"
+    """results/verdicts/noise.csv and verdicts.csv are what verdicts.py gives today from the
+    committed CSVs (rerun: python verdicts.py, which writes them there); every family but those
+    without an independent rerun has its own delta."""
+    rows, pairs, delta = verdicts.judge_all(out_dir=tmp_path)
+    committed = ROOT / "results" / "verdicts"
     for name in ("noise.csv", "verdicts.csv"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
-    assert {(r["variant_a"], r["variant_b"]) for r in pairs} >= {("c1", "bn_sgd_no_mlp_bn_conv_wd"),
-                                                                 ("d1", "wd_lr0.05_conv_x10"), ("d2", "ws_sgd_lr0.2_conv")}
+    assert {r["family"] for r in pairs if r["kind"] == "pair"} >= {"c1", "d1"}
+    assert {r["finding"] for r in rows} == {f["finding"] for f in verdicts.load_findings()}
 
 
 def test_mechanism_figure_and_where_a_collapse_ends(tmp_path):
@@ -374,7 +394,7 @@ def _loss_rows(losses, neg=0.9999):
 
 
 def test_escape_reads_turn_and_rise_from_the_loss():
-    escape = plot_results.escape
+    escape = verdicts.escape
     # falls to 1e-6 at epoch 4, a 2x wobble (not an escape), then 5x its lowest at epoch 7
     assert escape(_loss_rows([1e-2, 1e-4, 1e-5, 1e-6, 2e-6, 1.5e-6, 5e-6])) == (4, 7)
     assert escape(_loss_rows([1e-2, 1e-3, 1e-4, 1e-5])) == (None, None)   # still falling: censored
@@ -388,21 +408,22 @@ def test_escape_reads_turn_and_rise_from_the_loss():
 
 def test_escape_fit_recovers_a_known_power_law_and_leaves_the_controls_out():
     rows = [dict(lr_wd=p, rise_step=round(0.08 / p ** 0.7), turn_step=None) for p in (2e-4, 1e-4, 5e-5, 2.5e-5)]
-    slope, se, n = plot_results.escape_fit(rows, "rise")
+    slope, se, n = verdicts.escape_fit(rows, "rise")
     assert n == 4 and abs(slope + 0.7) < 0.01 and se < 0.01
-    assert plot_results.escape_fit(rows, "turn") == (None, None, 0)
+    assert verdicts.escape_fit(rows, "turn") == (None, None, 0)
     ctl = dict(variant="ctl_m0.8", lr_wd=1e-4, rise_step=10 ** 6, turn_step=None)
-    assert plot_results.escape_fit(rows + [ctl], "rise")[:2] == (slope, se)
+    assert verdicts.escape_fit(rows + [ctl], "rise")[:2] == (slope, se)
 
 
 def test_escape_law_reproduces_the_committed_table_and_refuses_a_foreign_csv(tmp_path):
     """--escape-law on the committed grid gives the committed <stem>_escape.csv byte for byte (the
     analysis exp_escape_law.py --analyze made); a CSV of another script is one line and exit 2."""
     law = ROOT / "results" / "steps" / "law"
-    rows, slopes = plot_results.escape_law(law / "escape_law_steps.csv", tmp_path)
+    rows, slopes = verdicts.escape_law(law / "escape_law_steps.csv", tmp_path)
     assert (tmp_path / "escape_law_steps_escape.csv").read_bytes() == (law / "escape_law_steps_escape.csv").read_bytes()
     assert [round(slopes[k][0], 2) for k in ("turn", "rise")] == [-1.07, -0.97]
-    assert (tmp_path / "escape_law_steps_escape.png").stat().st_size > 10000
+    r = _plot_cli(["--escape-law", law / "escape_law_steps.csv", "--out", tmp_path / "fig"], tmp_path)
+    assert r.returncode == 0 and (tmp_path / "fig" / "escape_law_steps_escape.png").stat().st_size > 10000
     for target in (tmp_path / "missing.csv", ROOT / "results" / "lars_cpu.csv"):
         r = _plot_cli(["--escape-law", target, "--out", tmp_path / "o"], tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
