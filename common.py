@@ -577,8 +577,8 @@ def train_byol(cfg, on_epoch=None, data=None, checkpoint=None, model_fn=None, de
             perm = torch.randperm(len(pretrain), generator=gen, device=device)
             with fp32_math(not s.amp):
                 for i in range(steps_per_epoch):
-                    lr, tau = s.model.set_lr(s.opt, step, total_steps), tau_at(step, total_steps, cfg.base_tau,
-                                                                                cfg.tau_schedule)
+                    lr = s.model.set_lr(s.opt, step, total_steps)
+                    tau = tau_at(step, total_steps, cfg.base_tau, cfg.tau_schedule)
                     views = s.model.views(pretrain[perm[i * n:(i + 1) * n]], gen)
                     out = train_step(s, views, tau, step)
                     sums += torch.stack([out[k].detach() for k in STATS])

@@ -8,7 +8,7 @@ settings (exp_recovery.py's c1: BN encoder, no MLP norm, SGD lr 0.2, wd 4e-4 on 
 weights only, steps preset) and change:
 
     variant         change                                              the explanation predicts
-    c1              none (the reference)                                recovers (epoch ~50-90)
+    c1              none (the reference)                                leaves the collapse
     c1_norm_held    (a) decay on, but each conv weight is put back to   no recovery
                     its norm at the collapse (neg. cos >= 0.999) after
                     every step, so its effective lr cannot rise
@@ -18,8 +18,8 @@ weights only, steps preset) and change:
                     together the no-decay twin of decay for
                     scale-invariant weights
     c1_conv_pred    decay on the conv weights and the predictor's       (does one MLP's decay keep
-    c1_conv_proj    ... and the projector's weight matrices              the collapse, as both MLPs'
-    c1_pred_only    decay on the predictor's weight matrices only        did to epoch 130 in
+    c1_conv_proj    ... and the projector's weight matrices              the collapse, as decay on
+    c1_pred_only    decay on the predictor's weight matrices only        both MLPs' does in
     c1_proj_only    decay on the projector's weight matrices only        exp_lars.py's wd_weights?
                                                                         DirectPred's predictor-only
                                                                         decay: issue 28)
@@ -50,7 +50,7 @@ import harness
 import presets
 from instruments import COLUMNS, TRACK, TrackedBYOL
 
-# steps: 130 epochs = 10,140 steps, past the c1 reference's recovery (epochs ~50-90 in both seeds)
+# steps: 130 epochs = 10,140 steps, 8% of the blog's 131,200
 PRESETS = dict(presets.APPENDIX_PRESETS, steps=dict(presets.APPENDIX_PRESETS["steps"], epochs=130))
 
 

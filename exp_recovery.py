@@ -25,9 +25,8 @@ count (the lr and tau cosines run over the blog's 131,200 steps, so lr is at 0.7
 the end, as the blog's at its epoch 100); decay on the encoder's conv weights only (the blog's SGD
 decays everything: the *_all_decay rows are that, each changing only this one setting); C1 and D2
 at the blog's lr per image (0.2 at batch 64 = 0.8 at 256) with its decay per step (lr x wd 8e-5);
-D1 at a quarter of that lr with 160x the blog's wd (its wd 1e-5 did not escape on this preset in
-640 epochs: results/README.md). Why the smaller lrs: exp_collapse_depth.py (at the blog's lr, at batch 64, this network
-collapses 16-69x deeper than at a quarter of it, the blog's lr per image and depth).
+D1 at a quarter of that lr with 160x the blog's wd (why: results/README.md, D1). Why the smaller
+lrs: exp_collapse_depth.py, the lr as a lever of the collapse's depth.
 
 Criterion, judged per seed: results/README.md, 'How a verdict is judged'.
 

@@ -27,9 +27,8 @@ Presets:
   cpu      for 2 CPU cores (presets.CPU_SMALL): width-16 CIFAR-stem ResNet-18
            (128-d y) on the first 10k CIFAR-10 training images, batch 64 (4x the steps of 256
            at the same images/s here), lr 0.1, tau 0.99, 12 epochs, queue 4096 filled with real
-           target projections before training (with the blog's random-vector queue the
-           contrastive row collapses at this scale: results/tuning/README.md). The contrastive
-           lr stays 0.02 in every preset.
+           target projections before training, not the blog's random vectors (why:
+           results/tuning/README.md). The contrastive lr stays 0.02 in every preset.
 The random row is the untrained encoder through the same probe with BN in eval mode at its
 initial statistics (what model.eval() gives); random_bn_recomputed re-estimates BN's
 statistics on the probe's images first (not in the default grid: pass --variants).
