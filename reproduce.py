@@ -40,10 +40,11 @@ RECOVERY = "steps/recovery/recovery_steps.csv"
 FINDINGS = {
     "t1": ["table1_cpu.csv"],
     "c1": ["lars_cpu.csv", (RECOVERY, "c1"), "steps/c1/lars_steps.csv"],
-    "c2": ["steps/c2/encoder_gn_steps.csv", "steps/c2_shallow/encoder_gn_steps.csv", "steps/c2_41k/encoder_gn_steps.csv"],
+    "c2": ["steps/c2/encoder_gn_steps.csv", "steps/c2_shallow/encoder_gn_steps.csv", "steps/c2_41k/encoder_gn_steps.csv",
+           "steps/c2_gnws/encoder_gn_steps.csv", "steps/c2_gnws/healthy/encoder_gn_steps.csv"],
     "d1": [(RECOVERY, "d1"), "steps/d1/weight_decay_steps.csv", "steps/d1_shallow/weight_decay_steps.csv"],
     "d2": [(RECOVERY, "d2"), "steps/d2_shallow/encoder_gn_steps.csv"],
-    "d3": ["steps/d3_shallow/lars_steps.csv", "steps/d3_shallow/long/lars_steps.csv"],
+    "d3": ["steps/d3_shallow/lars_steps.csv", "steps/d3_shallow/long/lars_steps.csv", "steps/d3_blog_lr/lars_steps.csv"],
     "beyond": ["steps/depth/collapse_depth_steps.csv", "steps/law/escape_law_steps.csv",
                "steps/mechanism/mechanism_steps.csv", "bn_anatomy_cpu.csv"],
 }

@@ -83,6 +83,9 @@ LIBRARY = ("common", "harness", "runtime", "augment", "logreg", "presets", "reus
 HERE = Path(__file__).resolve().parent   # the library's folder
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)   # what has a docstring
 INSTALLED = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+# the same as strings, unresolved too: a cheap first test for the ~1,600 modules of torch and numpy
+INSTALLED_PREFIXES = tuple({*map(str, INSTALLED), *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib",
+                                                                                     "platlib"))})
 
 
 def _grid_only(st):
@@ -127,7 +130,9 @@ def _source_file(module):
     """The .py file a module was loaded from; None for a built-in, an extension, a namespace
     package, or an installed module (the standard library, site-packages)."""
     f = getattr(module, "__file__", None)
-    f = Path(f).resolve() if isinstance(f, str) and f.endswith(".py") and os.path.isfile(f) else None
+    if not isinstance(f, str) or not f.endswith(".py") or "site-packages" in f or f.startswith(INSTALLED_PREFIXES):
+        return None
+    f = Path(f).resolve() if os.path.isfile(f) else None
     return None if f is None or any(map(f.is_relative_to, INSTALLED)) or "site-packages" in f.parts else f
 
 
