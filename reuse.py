@@ -82,10 +82,10 @@ GRID_NAMES = frozenset({"VARIANTS", "EXTRA_VARIANTS", "PRESETS", "BLOG"})
 LIBRARY = ("common", "harness", "runtime", "augment", "logreg", "presets", "reuse", "executor")   # edits: reported
 HERE = Path(__file__).resolve().parent   # the library's folder
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)   # what has a docstring
-INSTALLED = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-# the same as strings, unresolved too: a cheap first test for the ~1,600 modules of torch and numpy
-INSTALLED_PREFIXES = tuple({*map(str, INSTALLED), *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib",
-                                                                                     "platlib"))})
+_INSTALLED = [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+INSTALLED = [Path(p).resolve() for p in _INSTALLED]
+# the same as strings, as given and resolved: a cheap first test for the ~1,600 modules of torch and numpy
+INSTALLED_PREFIXES = tuple({*_INSTALLED, *map(str, INSTALLED)})
 
 
 def _grid_only(st):
