@@ -10,7 +10,7 @@ wall_s: most ran on one thread beside another run, what --jobs 2 gives), and the
 The commands run one after another, each with --jobs (executor.py); rerunning this continues
 where it stopped (finished runs are reused, a cut one resumes from its checkpoint).
 
-    python reproduce.py --dry-run                # the plan: about 68 CPU-hours, 34 hours at --jobs 2
+    python reproduce.py --dry-run                # the plan: about 65 CPU-hours, 33 hours at --jobs 2
     python reproduce.py --only t1,c1 --jobs 2
     python reproduce.py                          # everything, then the verdicts against results/
 
@@ -42,7 +42,7 @@ FINDINGS = {
     "c1": ["lars_cpu.csv", (RECOVERY, "c1"), "steps/c1/lars_steps.csv"],
     "c2": ["steps/c2/encoder_gn_steps.csv", "steps/c2_shallow/encoder_gn_steps.csv", "steps/c2_41k/encoder_gn_steps.csv",
            "steps/c2_gnws/encoder_gn_steps.csv", "steps/c2_gnws/healthy/encoder_gn_steps.csv",
-           "steps/c2_every/encoder_gn_steps.csv", "steps/c2_every_41k/encoder_gn_steps.csv"],
+           "steps/c2_every_41k/encoder_gn_steps.csv"],
     "d1": [(RECOVERY, "d1"), "steps/d1/weight_decay_steps.csv", "steps/d1_shallow/weight_decay_steps.csv"],
     "d2": [(RECOVERY, "d2"), "steps/d2_shallow/encoder_gn_steps.csv"],
     "d3": ["steps/d3_shallow/lars_steps.csv", "steps/d3_shallow/long/lars_steps.csv", "steps/d3_blog_lr/lars_steps.csv"],

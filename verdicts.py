@@ -6,7 +6,9 @@ figures draw (recovered fractions, the escape law's clocks).
     python verdicts.py --root runs/reproduce --out runs/reproduce/verdicts   # reproduce.py's
 
 The findings are data: results/findings.csv (finding, family, kind, the CSV under results/ and the
-variant it judges, its healthy reference, what the blog's run shows). The rule, stated once:
+variant it judges, its healthy reference, what the blog's run shows, and at_epoch: where set, the
+run is judged as if it ended there, its first epochs being a run of that length, since the lr and
+tau cosines span the blog's schedule whatever --epochs is). The rule, stated once:
 - window: a run's evaluations at epochs > 0.8 x its last epoch (its last 20%), means over them.
 - C (the blog shows accuracy): the recovered fraction (probe - untrained) / (healthy - untrained)
   against the same settings with BN in both MLPs, same seed, same epoch. met: window mean >= 0.5 +
@@ -95,6 +97,7 @@ def load_findings(path=FINDINGS_CSV):
         h = r["healthy"]
         r["healthy"] = None if not h else (h.split(":")[0], h.split(":")[1]) if ":" in h else (r["csv"], h)
         r["collapse"] = r["collapse"] == "yes"
+        r["at_epoch"] = int(r["at_epoch"]) if r.get("at_epoch") else None
     return rows
 
 
@@ -344,7 +347,9 @@ def verdicts(findings, sources, delta):
         if source is None:
             continue
         healthy = sources.get(spec["healthy"][0]) if spec["healthy"] else None
-        mine = sorted((seed, by) for (v, seed), by in source["runs"].items() if v == spec["variant"])
+        end = spec.get("at_epoch")   # optional: specs built in code may leave it out
+        mine = sorted((seed, {e: r for e, r in by.items() if end is None or e <= end})
+                      for (v, seed), by in source["runs"].items() if v == spec["variant"])
         judged = [judge_seed(spec, source, healthy["runs"] if healthy else None, seed, by, delta) for seed, by in mine]
         never = sum(r["collapsed_at"] == "never" for r in judged) if spec["kind"] in "CD" and spec["collapse"] else 0
         text = finding_verdict([r["status"] for r in judged], spec["blog"], never)
