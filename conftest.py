@@ -40,16 +40,21 @@ except (OSError, AttributeError):
     _PRCTL = None
 
 
-def _die_with_pytest():
-    """In the child, before exec: SIGKILL it if pytest itself dies (a hard crash, or the backstop
-    below ending the run), so that nothing is left running even then. Linux only."""
-    _PRCTL(1, int(signal.SIGKILL))   # 1 = PR_SET_PDEATHSIG
+def _child_setup():
+    """In the child, before exec: SIGINT at its default, as a terminal's foreground job has it (a
+    suite started in the background, `pytest ... &`, ignores SIGINT, and exec keeps an ignored
+    signal ignored: a test's ^C would not reach its process); and on Linux, SIGKILL it if pytest
+    itself dies (a hard crash, or the backstop below ending the run), so that nothing is left
+    running even then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if _PRCTL:
+        _PRCTL(1, int(signal.SIGKILL))   # 1 = PR_SET_PDEATHSIG
 
 
 def popen(args, **kw):
     """subprocess.Popen in a new session (its own process group), text mode, registered for cleanup."""
     p = subprocess.Popen(args, start_new_session=True, text=True,
-                         preexec_fn=_die_with_pytest if _PRCTL else None, **kw)
+                         preexec_fn=_child_setup, **kw)
     STARTED.append(p)
     return p
 
@@ -87,7 +92,7 @@ def run(args, timeout=240, **kw):
 # A backstop for what pytest-timeout's signal method cannot stop: a test stuck inside one native
 # call never returns to Python, so its SIGALRM handler never runs. faulthandler's watchdog is a C
 # thread: it dumps every thread's traceback and ends the run (as the thread method would), and
-# _die_with_pytest takes the subprocesses down with it. It fires this long after the test's own
+# _child_setup takes the subprocesses down with it. It fires this long after the test's own
 # timeout (pytest.ini's, or its @pytest.mark.timeout), so it never pre-empts a timeout that works.
 BACKSTOP_EXTRA_S = 120
 _backstop_fd = None   # the terminal's stderr, kept before pytest captures the tests' output
