@@ -10,7 +10,7 @@ wall_s: most ran on one thread beside another run, what --jobs 2 gives), and the
 The commands run one after another, each with --jobs (executor.py); rerunning this continues
 where it stopped (finished runs are reused, a cut one resumes from its checkpoint).
 
-    python reproduce.py --dry-run                # the plan: about 65 CPU-hours, 33 hours at --jobs 2
+    python reproduce.py --dry-run                # the plan: about 69 CPU-hours, 34 hours at --jobs 2
     python reproduce.py --only t1,c1 --jobs 2
     python reproduce.py                          # everything, then the verdicts against results/
 

@@ -240,8 +240,8 @@ def test_finding_verdict_wording():
     assert v(["not met", "within noise", "not met"]) == "does not reproduce, 0 of 3, 1 within noise"
     assert v(["not met", "not met"], blog="not met") == "reproduces, 2 of 2 seeds"   # the blog's run stays collapsed
     assert v(["met", "no healthy reference: not judged"]) == "reproduces, 1 of 1 seeds; 1 no healthy reference: not judged"
-    assert v(["no healthy reference: not judged"] * 2, never=2) == ("no healthy reference: not judged; "
-                                                                     "never collapsed in 2 of 2 seeds")
+    assert v(["never collapsed: not judged", "no healthy reference: not judged"]) == (
+        "1 of 2 never collapsed: not judged; 1 of 2 no healthy reference: not judged")
 
 
 NOISE_COLS = ["exp", "variant", "seed", "epoch", "loss", "probe_acc", "pos_cos", "neg_cos", "lr", "tau", "cfg_hash",
@@ -324,13 +324,13 @@ def test_verdicts_seed_by_seed_with_their_reasons():
     # window: epochs > 8 (9 and 10): 0.7 and 0.45, mean 0.575 < 0.6: within noise; at delta 0.05, 50% share: still
     assert (c["status"], c["window_epochs"], c["n_evaluations"], c["evaluations"]) == ("within noise", "9-10", 2, "9:0.7 10:0.45")
     assert rows[("c1", 1)]["status"] == "no healthy reference: not judged"
-    assert rows[("c1", 2)]["status"] == "no healthy reference: not judged"   # (and never collapsed: its column)
+    assert rows[("c1", 2)]["status"] == "never collapsed: not judged"   # whether or not it has a healthy run
     assert rows[("c1", 2)]["collapsed_at"] == "never"
     assert rows[("c2", 0)]["status"] == "no healthy reference: not judged"
     d = rows[("d1", 0)]   # neg. cos 0.85, 0.95 in the window (50%), gain 10: within noise
     assert (d["status"], d["share_passing"], d["window_mean"]) == ("within noise", 0.5, 10.0)
-    assert c["finding_verdict"] == "does not reproduce, 0 of 1, 1 within noise; 2 no healthy reference: not judged; " \
-                                   "never collapsed in 1 of 3 seeds"
+    assert c["finding_verdict"] == "does not reproduce, 0 of 1, 1 within noise; 1 no healthy reference: not judged; " \
+                                   "1 never collapsed: not judged"
     report = verdicts.report(list(rows.values()), [])
     assert "| C | c1 | 0 | 2 | 9-10 | 2 | recovered_fraction 0.575 (0.450-0.700) | 50% |" in report
 

@@ -301,10 +301,10 @@ def judge_seed(spec, source, healthy_runs, seed, by_epoch, delta):
                     neg_cos_window_mean=max(c for _, c in negs))
     healthy = healthy_runs.get((spec["healthy"][1], seed)) if spec["healthy"] and healthy_runs else None
     row["healthy"] = f"{spec['healthy'][1]} seed {seed}" if healthy else ""
+    if spec["collapse"] and collapsed is None:   # first: no healthy run could make it judged
+        return dict(row, status="never collapsed: not judged")
     if spec["kind"] == "C" and healthy is None:
         return dict(row, status="no healthy reference: not judged")
-    if spec["collapse"] and collapsed is None:
-        return dict(row, status="never collapsed: not judged")
     if 0 not in dict(points(by_epoch, "probe_acc")):
         return dict(row, status="no untrained probe (epoch 0): not judged")
     if d is None or dc is None:
@@ -322,10 +322,10 @@ def judge_seed(spec, source, healthy_runs, seed, by_epoch, delta):
                 neg_cos_evaluations=" ".join(f"{e}:{c:.4f}" for e, c in neg_window))
 
 
-def finding_verdict(statuses, blog="met", never=0):
+def finding_verdict(statuses, blog="met"):
     """'reproduces, k of n seeds' / 'partly, k of n' / 'does not reproduce, 0 of n', k the seeds
-    whose status is the blog's, with ', m within noise'; seeds not judged are counted after it.
-    never: how many seeds never collapsed (said where > 0)."""
+    whose status is the blog's, with ', m within noise'; seeds not judged are counted after it,
+    with their reason (e.g. '1 never collapsed: not judged')."""
     judged = [s for s in statuses if not s.endswith("not judged")]
     other = list(dict.fromkeys(s for s in statuses if s not in judged))
     if judged:
@@ -334,8 +334,8 @@ def finding_verdict(statuses, blog="met", never=0):
                 f"does not reproduce, 0 of {n}")
         text += (f", {m} within noise" if m else "") + "".join(f"; {statuses.count(s)} {s}" for s in other)
     else:
-        text = "; ".join(other) or "no runs"
-    return text + (f"; never collapsed in {never} of {len(statuses)} seeds" if never else "")
+        text = "; ".join(f"{statuses.count(s)} of {len(statuses)} {s}" for s in other) or "no runs"
+    return text
 
 
 def verdicts(findings, sources, delta):
@@ -351,8 +351,7 @@ def verdicts(findings, sources, delta):
         mine = sorted((seed, {e: r for e, r in by.items() if end is None or e <= end})
                       for (v, seed), by in source["runs"].items() if v == spec["variant"])
         judged = [judge_seed(spec, source, healthy["runs"] if healthy else None, seed, by, delta) for seed, by in mine]
-        never = sum(r["collapsed_at"] == "never" for r in judged) if spec["kind"] in "CD" and spec["collapse"] else 0
-        text = finding_verdict([r["status"] for r in judged], spec["blog"], never)
+        text = finding_verdict([r["status"] for r in judged], spec["blog"])
         rows += [dict(r, finding_verdict=text) for r in judged]
     return rows
 
